@@ -1,0 +1,122 @@
+"""torch.distributed set-up shared by every entry, whatever launched it.
+
+Launchers and how we read them:
+- plain process: world 1 (a process group is still created, on a free loopback port, so DeepSpeed
+  and collectives work unchanged);
+- torchrun / Ray workers: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
+- srun: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the master address is MASTER_ADDR when the batch
+  script exported it, else the first node of the allocation (``scontrol show hostnames``), taking
+  its ``NodeAddr`` (simulated or unresolvable node names are common); the port is MASTER_PORT or
+  derived from the job id.
+Backend: NCCL when CUDA is available, gloo otherwise. The collective timeout is bounded
+(``COUPLING_DIST_TIMEOUT_S``, default 300 s) so that a dead peer ends a job with an error rather
+than a silent hang.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import subprocess
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_master_addr() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    first = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                           check=True).stdout.split()[0]
+    out = subprocess.run(["scontrol", "show", "node", first], capture_output=True, text=True).stdout
+    for tok in out.split():
+        if tok.startswith("NodeAddr="):
+            return tok.split("=", 1)[1]
+    return first
+
+
+def launch_env() -> dict:
+    """Rank layout from the environment (does not initialise anything)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return dict(rank=int(env["RANK"]), world=int(env["WORLD_SIZE"]), local_rank=int(env.get("LOCAL_RANK", 0)),
+                    launcher=env.get("COUPLING_DIST_LAUNCHER", "torchrun"))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return dict(rank=int(env["SLURM_PROCID"]), world=int(env["SLURM_NTASKS"]),
+                    local_rank=int(env.get("SLURM_LOCALID", 0)), launcher="srun")
+    return dict(rank=0, world=1, local_rank=0, launcher="single")
+
+
+def init_distributed(timeout_s: Optional[float] = None) -> dict:
+    """Initialise the default process group once; return the layout dict."""
+    info = launch_env()
+    if dist.is_available() and dist.is_initialized():
+        return info
+    if info["launcher"] == "srun":
+        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+    elif info["launcher"] == "single":
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ.update(RANK=str(info["rank"]), WORLD_SIZE=str(info["world"]), LOCAL_RANK=str(info["local_rank"]),
+                      LOCAL_WORLD_SIZE=os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")))
+    timeout = timeout_s if timeout_s is not None else float(os.environ.get("COUPLING_DIST_TIMEOUT_S", "300"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(info["local_rank"] % torch.cuda.device_count())
+    dist.init_process_group(backend="nccl" if cuda else "gloo", rank=info["rank"], world_size=info["world"],
+                            timeout=datetime.timedelta(seconds=timeout))
+    return info
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_object(obj, src: int = 0):
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_ok(ok: bool) -> bool:
+    """True only if every rank says ok (used before marking anything complete)."""
+    if world_size() == 1:
+        return ok
+    t = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    dist.all_reduce(t)
+    return int(t.item()) == 0
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,410 @@
+"""One YAML file describes a whole run; this module turns it into typed, validated config.
+
+Design (written down so every stage agrees):
+- Each section is a small dataclass. The root ``Config`` holds one per stage.
+- ``load_config(path, overrides)`` reads YAML, applies ``dotted.key=value`` overrides (values are
+  parsed as YAML scalars/lists), then builds the dataclasses. Unknown keys, wrong types and
+  out-of-range values raise ``ConfigError`` naming the dotted key and the file *before any work*.
+- Range checks live next to the field as ``metadata={"ge": .., "gt": .., "le": .., "choices": ..}``.
+- Paths are kept as strings; ``run.dir`` roots every output (``run.dir/<stage>/``) via
+  ``Config.stage_dir``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, always naming the key and (when known) the file."""
+
+
+def _f(default: Any = dataclasses.MISSING, *, factory=None, **checks) -> Any:
+    if factory is not None:
+        return field(default_factory=factory, metadata=checks)
+    return field(default=default, metadata=checks)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class WandbConfig:
+    mode: str = _f("offline", choices=("offline", "online", "disabled"))
+    project: str = "coupling_dist"
+    entity: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/demo"
+    name: str = "run"
+    seed: int = _f(0, ge=0)
+    log_interval: int = _f(10, gt=0)  # steps between structured log lines
+    progress: bool = True  # tqdm progress bars on rank 0
+    wandb: WandbConfig = _f(factory=WandbConfig)
+
+
+@dataclass
+class DataConfig:
+    corpus: Union[str, list] = "asset:lee-corpus"  # file, glob or list of either
+    format: str = _f("auto", choices=("auto", "text", "jsonl", "parquet"))
+    text_field: str = "text"
+    tokenizer: str = "asset:qwen2.5-tokenizer"  # HF dir or id, or asset:/tiny: spec
+    seq_len: int = _f(32, gt=1)
+    shard_size: int = _f(256, gt=0)  # samples per shard
+    heldout_fraction: float = _f(0.05, ge=0.0, lt=1.0)
+    max_samples: Optional[int] = _f(None, gt=0)
+    out_dir: Optional[str] = None  # default: run.dir/data
+
+
+@dataclass
+class EncoderConfig:
+    model: Optional[str] = "tiny:qwen2"  # HF dir/id, tiny:/asset: spec, or null for tokens only
+    layer: int = -1  # hidden layer index (hidden_states[layer])
+    dtype: str = _f("float16", choices=("float16", "bfloat16", "float32"))
+    batch_size: int = _f(64, gt=0)
+    device: str = _f("auto", choices=("auto", "cpu", "cuda"))
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # existing cluster ("auto" or host:port); null = local on loopback
+    num_workers: int = _f(2, gt=0)  # actors (one per GPU on a cluster)
+    num_cpus_per_worker: float = _f(1.0, gt=0)
+    num_gpus_per_worker: float = _f(0.0, ge=0)
+    max_retries: int = _f(3, ge=0)
+
+
+@dataclass
+class LoaderConfig:
+    num_workers: int = _f(0, ge=0)  # DataLoader worker processes per rank
+    verify_checksums: bool = False
+    skip_bad: bool = False  # opt-in: skip bad samples, counting and logging each
+    prefetch: int = _f(2, ge=1)
+
+
+@dataclass
+class TrainConfig:
+    """Shared by Stage A and Stage B: the Trainer reads only this section."""
+
+    steps: int = _f(200, gt=0)
+    batch_size: int = _f(32, gt=0)  # global batch (all data-parallel ranks)
+    lr: float = _f(3e-4, gt=0)
+    min_lr_ratio: float = _f(0.0, ge=0, le=1)
+    weight_decay: float = _f(0.01, ge=0)
+    betas: list = _f(factory=lambda: [0.9, 0.999])
+    warmup_steps: int = _f(20, ge=0)
+    schedule: str = _f("cosine", choices=("cosine", "constant"))
+    restart_every: Optional[int] = _f(None, gt=0)  # cosine restarts period (steps)
+    grad_clip: float = _f(1.0, ge=0)
+    zero_stage: int = _f(2, choices=(0, 1, 2, 3))
+    precision: str = _f("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on CUDA, fp32 on CPU
+    offload_optimizer: bool = False
+    ema_decay: Optional[float] = _f(None, gt=0, lt=1)
+    ckpt_interval: int = _f(100, gt=0)
+    keep_last: int = _f(2, gt=0)
+    eval_interval: int = _f(100, gt=0)
+    eval_batches: int = _f(4, gt=0)
+    resume: str = "auto"  # auto (latest if present) | none | path to a checkpoint dir
+    peak_flops: Optional[float] = _f(None, gt=0)  # per device, for MFU; null = measured GEMM peak
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class FlowConfig:
+    kind: str = _f("realnvp", choices=("realnvp", "tarflow"))
+    layers: int = _f(4, gt=0)
+    hidden: int = _f(64, gt=0)  # conditioner width
+    depth: int = _f(1, gt=0)  # transformer blocks per conditioner
+    heads: int = _f(4, gt=0)
+    scale_bound: float = _f(2.0, gt=0)  # tanh bound on log-scales
+
+
+@dataclass
+class DecoderConfig:
+    width: int = _f(64, gt=0)
+    depth: int = _f(2, gt=0)
+    heads: int = _f(4, gt=0)
+    ffn: int = _f(128, gt=0)
+
+
+@dataclass
+class StageAConfig:
+    latent_dim: int = _f(16, gt=0)
+    noise_scale: float = _f(0.2, gt=0)  # dequantization sigma
+    learned_logvar: bool = False
+    online_encoder: bool = False  # run the encoder online when shards hold tokens only
+    lambda_rec: float = _f(1.0, ge=0)
+    lambda_kl: float = _f(1e-3, ge=0)
+    lambda_flow_start: float = _f(0.5, ge=0)
+    lambda_flow_end: float = _f(1.0, ge=0)
+    flow_anneal_fraction: float = _f(0.05, ge=0, le=1)
+    flow: FlowConfig = _f(factory=FlowConfig)
+    decoder: DecoderConfig = _f(factory=DecoderConfig)
+    train: TrainConfig = _f(factory=TrainConfig)
+
+
+@dataclass
+class PairStoreConfig:
+    multiplicity: int = _f(1, gt=0)  # latents per sample
+    dtype: str = _f("float16", choices=("float16", "bfloat16", "float32"))
+    shard_size: int = _f(256, gt=0)
+    batch_size: int = _f(64, gt=0)
+    ks_alpha: float = _f(0.01, gt=0, lt=1)
+    report_samples: int = _f(2048, gt=0)
+
+
+@dataclass
+class GeneratorConfig:
+    kind: str = _f("onestep", choices=("onestep", "masked"))
+    width: int = _f(64, gt=0)
+    depth: int = _f(2, gt=0)
+    heads: int = _f(4, gt=0)
+    ffn: int = _f(128, gt=0)
+    norm: str = _f("rmsnorm", choices=("rmsnorm", "layernorm"))
+    act: str = _f("swiglu", choices=("swiglu", "gelu"))
+    attention: str = _f("auto", choices=("auto", "sdpa", "flash"))
+
+
+@dataclass
+class KDConfig:
+    teacher: Optional[str] = "tiny:qwen2"  # HF causal LM dir/id/spec; null disables KD
+    weight: float = _f(1.0, ge=0)
+    temperature: float = _f(2.0, gt=0)
+    chunk_positions: int = _f(64, gt=0)  # rows of [B*T] per chunk
+    chunk_vocab: int = _f(32768, gt=0)
+
+
+@dataclass
+class StageBConfig:
+    model: GeneratorConfig = _f(factory=GeneratorConfig)
+    kd: KDConfig = _f(factory=KDConfig)
+    tp: int = _f(1, gt=0)  # tensor-parallel size; DP = world / tp
+    label_smoothing: float = _f(0.0, ge=0, lt=1)
+    latent_mix_prob: float = _f(0.3, ge=0, le=1)
+    latent_mix_scale: float = _f(0.9, gt=0)
+    train: TrainConfig = _f(factory=lambda: TrainConfig(lr=2e-4, ema_decay=0.999))
+    ray_workers: Optional[int] = _f(None, gt=0)  # world size when launched as a Ray job driver
+
+
+@dataclass
+class SampleConfig:
+    num_samples: int = _f(64, gt=0)
+    batch_size: int = _f(32, gt=0)
+    latent_scale: float = _f(0.85, gt=0)
+    temperature: float = _f(0.6, gt=0)
+    top_p: float = _f(0.95, gt=0, le=1)
+    steps: int = _f(1, gt=0)  # few-step K (masked denoiser only)
+    eta: float = _f(1.0, ge=0)  # P2-self remasking strength
+    kappa: str = _f("cosine", choices=("linear", "cosine"))
+    seed: int = _f(0, ge=0)
+    out: Optional[str] = None  # default: run.dir/sample/samples.jsonl
+
+
+@dataclass
+class EvaluateConfig:
+    scorer: str = "tiny:gpt2"  # HF causal LM dir/id/spec
+    protocol: str = _f("mdlm", choices=("mdlm", "paper"))
+    samples: Optional[str] = None  # default: run.dir/sample/samples.jsonl
+    temperatures: list = _f(factory=lambda: [0.5, 0.6, 0.7])
+    latent_scales: list = _f(factory=lambda: [0.85])
+    top_ps: list = _f(factory=lambda: [0.95])
+    steps: list = _f(factory=lambda: [1])
+    num_samples: int = _f(64, gt=0)
+    batch_size: int = _f(16, gt=0)
+    num_actors: int = _f(2, gt=0)
+    max_text_chars: int = _f(10000, gt=0)
+
+
+@dataclass
+class Config:
+    run: RunConfig = _f(factory=RunConfig)
+    data: DataConfig = _f(factory=DataConfig)
+    encoder: EncoderConfig = _f(factory=EncoderConfig)
+    ray: RayConfig = _f(factory=RayConfig)
+    loader: LoaderConfig = _f(factory=LoaderConfig)
+    stage_a: StageAConfig = _f(factory=StageAConfig)
+    pair_store: PairStoreConfig = _f(factory=PairStoreConfig)
+    stage_b: StageBConfig = _f(factory=StageBConfig)
+    sample: SampleConfig = _f(factory=SampleConfig)
+    evaluate: EvaluateConfig = _f(factory=EvaluateConfig)
+    source: Optional[str] = None  # the YAML file it came from (set by load_config)
+
+    def stage_dir(self, stage: str) -> str:
+        return os.path.join(self.run.dir, stage)
+
+    @property
+    def data_dir(self) -> str:
+        return self.data.out_dir or self.stage_dir("data")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check ``value`` against annotation ``tp``; return (ok, coerced value)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True, value
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _type_ok(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if tp is list or origin is list:
+        return isinstance(value, list), value
+    if tp is dict or origin is dict:
+        return isinstance(value, dict), value
+    return isinstance(value, tp), value
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _check_range(key: str, value: Any, meta: typing.Mapping, where: str) -> None:
+    if value is None:
+        return
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{where}: '{key}' = {value!r} must be one of {list(meta['choices'])}")
+    for op, test, word in (("gt", lambda a, b: a > b, ">"), ("ge", lambda a, b: a >= b, ">="),
+                           ("lt", lambda a, b: a < b, "<"), ("le", lambda a, b: a <= b, "<=")):
+        if op in meta and not test(value, meta[op]):
+            raise ConfigError(f"{where}: '{key}' = {value!r} must be {word} {meta[op]}")
+
+
+def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: '{prefix or '<root>'}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{where}: unknown key '{key}' (valid keys here: {sorted(fields)})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key, where)
+            continue
+        ok, coerced = _type_ok(value, tp)
+        if not ok:
+            raise ConfigError(f"{where}: '{key}' = {value!r} has the wrong type (expected {_type_name(tp)})")
+        _check_range(key, coerced, fields[name].metadata, where)
+        kwargs[name] = coerced
+    obj = cls(**kwargs)
+    # Defaults are validated too (a default of a nested section with overridden fields, etc.).
+    for name, f in fields.items():
+        if name not in kwargs and not dataclasses.is_dataclass(hints[name]):
+            _check_range(f"{prefix}.{name}" if prefix else name, getattr(obj, name), f.metadata, where)
+    return obj
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like dotted.key=value")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{item}' has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': cannot parse value: {e}") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> Config:
+    """Load, override and validate. ``path=None`` gives the built-in defaults."""
+    data: dict = {}
+    where = path or "<defaults>"
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as fh:
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    data = apply_overrides(data, list(overrides or []))
+    if overrides:
+        where = f"{where} (with overrides)"
+    data.pop("source", None)
+    cfg = _build(Config, data, "", where)
+    cfg.source = os.path.abspath(path) if path else None
+    _cross_checks(cfg, where)
+    return cfg
+
+
+def _cross_checks(cfg: Config, where: str) -> None:
+    a = cfg.stage_a
+    if a.flow.hidden % a.flow.heads:
+        raise ConfigError(f"{where}: 'stage_a.flow.hidden' ({a.flow.hidden}) must be divisible by 'stage_a.flow.heads' ({a.flow.heads})")
+    if a.latent_dim < 2:
+        raise ConfigError(f"{where}: 'stage_a.latent_dim' must be >= 2 for channel-split couplings")
+    if a.decoder.width % a.decoder.heads:
+        raise ConfigError(f"{where}: 'stage_a.decoder.width' must be divisible by 'stage_a.decoder.heads'")
+    m = cfg.stage_b.model
+    if m.width % m.heads:
+        raise ConfigError(f"{where}: 'stage_b.model.width' ({m.width}) must be divisible by 'stage_b.model.heads' ({m.heads})")
+    tp = cfg.stage_b.tp
+    for name, val in (("heads", m.heads), ("ffn", m.ffn)):
+        if val % tp:
+            raise ConfigError(f"{where}: 'stage_b.model.{name}' ({val}) must be divisible by 'stage_b.tp' ({tp})")
+    for sec in ("stage_a", "stage_b"):
+        t: TrainConfig = getattr(cfg, sec).train
+        if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas):
+            raise ConfigError(f"{where}: '{sec}.train.betas' must be two numbers in [0, 1)")
+        if t.warmup_steps > t.steps:
+            raise ConfigError(f"{where}: '{sec}.train.warmup_steps' ({t.warmup_steps}) exceeds '{sec}.train.steps' ({t.steps})")
+    if not isinstance(cfg.data.corpus, (str, list)) or (isinstance(cfg.data.corpus, list) and not all(isinstance(c, str) for c in cfg.data.corpus)):
+        raise ConfigError(f"{where}: 'data.corpus' must be a path, a glob or a list of them")
