@@ -74,5 +74,26 @@ def ray_head(tmp_path_factory):
     try:
         yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "env": env}
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        time.sleep(1)
+        stop_ray_processes(str(tmp))
+
+
+def stop_ray_processes(marker: str) -> None:
+    """Stop only the Ray processes of one head (their command lines name its temp dir); a plain
+    ``ray stop`` would also kill other Ray instances running on this machine."""
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in part for part in (p.info["cmdline"] or [])):
+                procs.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        p.kill()
