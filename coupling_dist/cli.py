@@ -7,10 +7,12 @@ Config errors and pre-flight failures exit with status 2 before any work, naming
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 import tempfile
+import time
 from typing import Callable, Optional
 
 from .config import Config, ConfigError, load_config
@@ -58,11 +60,53 @@ def load(stage: str, argv: Optional[list[str]] = None) -> Config:
     return cfg
 
 
+COMPLETE = "_COMPLETE.json"
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
+def completion_marker(cfg: Config, stage: str) -> str:
+    return os.path.join(cfg.stage_dir(stage), COMPLETE)
+
+
+def read_completion(cfg: Config, stage: str) -> Optional[dict]:
+    path = completion_marker(cfg, stage)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _write_json_atomic(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 def run_entry(stage: str, fn: Callable[[Config], Optional[dict]], argv: Optional[list[str]] = None) -> int:
+    """Run one stage. The stage's ``_COMPLETE.json`` marker (read by the pipeline to skip finished
+    stages) is removed when the stage starts and written by rank 0 only after ``fn`` returned on
+    every rank, so an interrupted or failed stage is never marked complete."""
     try:
         cfg = load(stage, argv)
     except (ConfigError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    fn(cfg)
+    marker = completion_marker(cfg, stage)
+    if _is_rank0() and os.path.exists(marker):
+        os.remove(marker)
+    t0 = time.time()
+    try:
+        summary = fn(cfg)
+    except (ConfigError, PreflightError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if _is_rank0():
+        _write_json_atomic(marker, {"stage": stage, "summary": summary or {}, "wall_s": round(time.time() - t0, 2),
+                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": cfg.to_dict()})
     return 0

@@ -225,6 +225,17 @@ class EvaluateConfig:
 
 
 @dataclass
+class PipelineConfig:
+    stages: list = _f(factory=lambda: list(PIPELINE_STAGES))
+    nproc: int = _f(1, gt=0)  # ranks for the distributed stages (stage_a, pair_store, stage_b, sample)
+    launcher: str = _f("auto", choices=("auto", "local", "torchrun", "srun"))
+    # auto: srun inside a SLURM allocation with several tasks, torchrun when nproc > 1, else local
+
+
+PIPELINE_STAGES = ("preprocess", "stage_a", "pair_store", "stage_b", "sample", "evaluate")
+
+
+@dataclass
 class Config:
     run: RunConfig = _f(factory=RunConfig)
     data: DataConfig = _f(factory=DataConfig)
@@ -236,10 +247,12 @@ class Config:
     stage_b: StageBConfig = _f(factory=StageBConfig)
     sample: SampleConfig = _f(factory=SampleConfig)
     evaluate: EvaluateConfig = _f(factory=EvaluateConfig)
+    pipeline: PipelineConfig = _f(factory=PipelineConfig)
     source: Optional[str] = None  # the YAML file it came from (set by load_config)
 
     def stage_dir(self, stage: str) -> str:
-        return os.path.join(self.run.dir, stage)
+        # evaluate writes to run.dir/eval (the documented results location)
+        return os.path.join(self.run.dir, {"evaluate": "eval"}.get(stage, stage))
 
     @property
     def data_dir(self) -> str:
@@ -406,5 +419,8 @@ def _cross_checks(cfg: Config, where: str) -> None:
             raise ConfigError(f"{where}: '{sec}.train.betas' must be two numbers in [0, 1)")
         if t.warmup_steps > t.steps:
             raise ConfigError(f"{where}: '{sec}.train.warmup_steps' ({t.warmup_steps}) exceeds '{sec}.train.steps' ({t.steps})")
+    bad = [s for s in cfg.pipeline.stages if s not in PIPELINE_STAGES]
+    if bad:
+        raise ConfigError(f"{where}: 'pipeline.stages' has unknown stage {bad[0]!r} (stages: {list(PIPELINE_STAGES)})")
     if not isinstance(cfg.data.corpus, (str, list)) or (isinstance(cfg.data.corpus, list) and not all(isinstance(c, str) for c in cfg.data.corpus)):
         raise ConfigError(f"{where}: 'data.corpus' must be a path, a glob or a list of them")
