@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -268,6 +269,9 @@ class Config:
 # --------------------------------------------------------------------------- building
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     """Check ``value`` against annotation ``tp``; return (ok, coerced value)."""
     origin = typing.get_origin(tp)
@@ -287,6 +291,9 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        # YAML 1.1 reads "1e-4" / "9.89e14" (no dot or sign in the exponent) as strings.
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
             return True, float(value)
         return False, value
     if tp is str:
