@@ -1,0 +1,86 @@
+"""Pipeline orchestration and pre-flight behaviour (fast: stages are stubbed by markers or fail early)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import DEMO, run_module
+from coupling_dist.cli import COMPLETE, PreflightError, check_writable
+from coupling_dist.config import PIPELINE_STAGES, load_config
+from coupling_dist.pipeline import stage_command
+
+
+def _mark(run_dir, stage, summary):
+    cfg = load_config(DEMO, [f"run.dir={run_dir}"])
+    d = cfg.stage_dir(stage)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, COMPLETE), "w") as fh:
+        json.dump({"stage": stage, "summary": summary}, fh)
+
+
+def test_pipeline_skips_complete_stages_and_prints_table(tmp_path):
+    for i, stage in enumerate(PIPELINE_STAGES):
+        _mark(tmp_path, stage, {"metric": float(i) + 0.5})
+    proc = run_module("coupling_dist.pipeline", "--config", DEMO, f"run.dir={tmp_path}")
+    for stage in PIPELINE_STAGES:
+        assert f"{stage}: already complete, skipping" in proc.stdout
+    assert "skipped (complete)" in proc.stdout and "metric=5.5" in proc.stdout
+    assert "frontier plot:" in proc.stdout
+
+
+def test_failed_stage_stops_pipeline_and_is_not_marked(tmp_path):
+    # preprocess on a corpus that does not exist fails; nothing after it runs, no marker written,
+    # and an earlier stage's output is left intact.
+    keep = tmp_path / "keep.txt"
+    keep.write_text("earlier output")
+    proc = run_module("coupling_dist.pipeline", "--config", DEMO, f"run.dir={tmp_path}",
+                      "data.corpus=/nonexistent/corpus.txt", "pipeline.stages=[preprocess,stage_a]", check=False)
+    assert proc.returncode != 0
+    assert "FAILED" in proc.stdout
+    assert "stage_a" not in proc.stdout.split("FAILED")[-1].split("\n")[0]  # stage_a did not run
+    assert not (tmp_path / "preprocess" / COMPLETE).exists()
+    assert keep.read_text() == "earlier output"
+
+
+def test_unknown_stage_and_bad_key_fail_before_work(tmp_path):
+    proc = run_module("coupling_dist.pipeline", "--config", DEMO, f"run.dir={tmp_path}",
+                      "pipeline.stages=[preprocess,stage_c]", check=False)
+    assert proc.returncode == 2 and "'pipeline.stages'" in proc.stderr and "stage_c" in proc.stderr
+    proc = run_module("coupling_dist.stage_a", "--config", DEMO, f"run.dir={tmp_path}",
+                      "stage_a.train.stepz=3", check=False)
+    assert proc.returncode == 2 and "stage_a.train.stepz" in proc.stderr and "demo.yaml" in proc.stderr
+    assert not (tmp_path / "stage_a" / "checkpoints").exists()
+
+
+def test_unwritable_or_full_run_dir_fails_at_start(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(PreflightError, match="not writable"):
+        check_writable(str(blocker / "run"))
+    proc = run_module("coupling_dist.pipeline", "--config", DEMO, f"run.dir={blocker}/run", check=False)
+    assert proc.returncode == 2 and "not writable" in proc.stderr
+    proc = run_module("coupling_dist.stage_a", "--config", DEMO, f"run.dir={tmp_path}/r",
+                      env={"COUPLING_DIST_MIN_FREE_MB": str(10**12)}, check=False)
+    assert proc.returncode == 2 and "MiB free" in proc.stderr
+
+
+def test_stage_commands_per_launcher(tmp_path):
+    cfg = load_config(DEMO, [f"run.dir={tmp_path}", "pipeline.nproc=2"])
+    cmd = stage_command("stage_b", cfg, DEMO, ["x=1"])
+    assert "torch.distributed.run" in cmd and "--nproc_per_node=2" in cmd and cmd[-1] == "x=1"
+    assert "torch.distributed.run" not in stage_command("preprocess", cfg, DEMO, [])
+    cfg = load_config(DEMO, [f"run.dir={tmp_path}", "pipeline.launcher=srun"])
+    assert stage_command("stage_a", cfg, DEMO, [])[0] == "srun"
+    cfg = load_config(DEMO, [f"run.dir={tmp_path}"])
+    assert stage_command("stage_a", cfg, DEMO, [])[1:3] == ["-m", "coupling_dist.stage_a"]
+
+
+def test_paper_config_loads():
+    cfg = load_config(os.path.join(os.path.dirname(DEMO), "lm1b_paper.yaml"))
+    assert cfg.data.seq_len == 128 and cfg.stage_a.latent_dim == 256
+    assert cfg.stage_a.flow.layers == 12 and cfg.stage_a.flow.hidden == 1024
+    m = cfg.stage_b.model
+    assert (m.width, m.depth, m.heads, m.ffn) == (768, 12, 12, 2048)
+    assert cfg.stage_b.train.restart_every == 50000 and cfg.stage_b.train.ema_decay == 0.999
