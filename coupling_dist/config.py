@@ -208,6 +208,8 @@ class SampleConfig:
     kappa: str = _f("cosine", choices=("linear", "cosine"))
     seed: int = _f(0, ge=0)
     out: Optional[str] = None  # default: run.dir/sample/samples.jsonl
+    step_temperatures: Optional[list] = None  # per-step tau_i for P2-self (length = steps)
+    export: Optional[str] = None  # generator export dir; default: run.dir/stage_b/export
 
 
 @dataclass
@@ -223,6 +225,9 @@ class EvaluateConfig:
     batch_size: int = _f(16, gt=0)
     num_actors: int = _f(2, gt=0)
     max_text_chars: int = _f(10000, gt=0)
+    reference: Optional[str] = None  # real text (one per line, or JSONL with 'text'); default: held-out shards
+    reference_samples: int = _f(1024, gt=0)  # at most this many held-out texts
+    sweep: bool = True  # draw and score samples for every sweep setting (needs the export)
 
 
 @dataclass

@@ -1,0 +1,135 @@
+"""A Ray actor pool that scores text with a causal LM.
+
+- One actor per GPU when the Ray cluster has GPUs; otherwise ``num_actors`` CPU actors (one CPU
+  and one intra-op thread each, so every actor computes the same kernels).
+- Each actor loads the scorer once, in its constructor, and then serves many batches.
+- The driver tokenizes, cuts chunks, sorts them by length and fixes the batches *before*
+  scheduling (``scorer.ScoringPlan``); actors only run forward passes. Batches are handed out
+  dynamically (``ray.util.ActorPool``), but results are keyed by batch id and summed in text
+  order, so the metrics are identical whatever the number of actors.
+- ``ray.init``: to ``ray.address`` when given (an existing cluster, e.g. "auto" under
+  ``ray job submit``), else a local instance bound to loopback.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional, Sequence
+
+from ..components.logging import get_logger
+from .scorer import ScoringPlan, aggregate
+
+log = get_logger("evaluate.pool")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _worker_env() -> dict:
+    env = {"PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    if os.environ.get("COUPLING_DIST_CACHE"):
+        env["COUPLING_DIST_CACHE"] = os.environ["COUPLING_DIST_CACHE"]
+    return env
+
+
+def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> bool:
+    """Connect to ``address`` or start a loopback instance; returns True if this call started Ray
+    (and so should shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    renv = {"env_vars": _worker_env()}
+    if address:
+        ray.init(address=address, runtime_env=renv, log_to_driver=False)
+    else:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=renv,
+                 log_to_driver=False)
+    return True
+
+
+class _ScorerActor:
+    def __init__(self, scorer_ref: str, use_gpu: bool, threads: int):
+        import torch
+
+        from .scorer import load_scorer_model
+
+        torch.set_num_threads(max(1, int(threads)))
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        t0 = time.perf_counter()
+        self.model = load_scorer_model(scorer_ref, self.device)
+        self.load_seconds = time.perf_counter() - t0
+        self.calls = 0
+
+    def info(self) -> dict:
+        from .scorer import context_length
+
+        return {"pid": os.getpid(), "device": self.device, "load_seconds": self.load_seconds, "calls": self.calls,
+                "context": context_length(self.model)}
+
+    def score(self, batch_id: int, chunks: list, eos_id: int, protocol: str):
+        from .scorer import score_chunk_batch
+
+        self.calls += 1
+        return batch_id, score_chunk_batch(self.model, chunks, eos_id, protocol, self.device)
+
+
+class ScorerPool:
+    """``with ScorerPool(ref, num_actors) as pool: metrics = pool.score(texts, ids, tok, protocol)``."""
+
+    def __init__(self, scorer_ref: str, num_actors: int = 2, address: Optional[str] = None,
+                 cpus_per_actor: float = 1.0):
+        import ray
+
+        self._started = init_ray(address, num_cpus=None if address else max(1, int(num_actors * cpus_per_actor)))
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        self.use_gpu = gpus > 0
+        n = gpus if self.use_gpu else int(num_actors)
+        remote = ray.remote(_ScorerActor)
+        opts = {"num_gpus": 1, "num_cpus": cpus_per_actor} if self.use_gpu else {"num_cpus": cpus_per_actor}
+        threads = max(1, int(cpus_per_actor))
+        self.actors = [remote.options(**opts).remote(scorer_ref, self.use_gpu, threads) for _ in range(n)]
+        self.info = ray.get([a.info.remote() for a in self.actors])  # waits for every model load
+        log.info("scorer pool: %d %s actor(s) loaded '%s'", n, "GPU" if self.use_gpu else "CPU", scorer_ref)
+        self.max_len = int(self.info[0]["context"])
+
+    @property
+    def num_actors(self) -> int:
+        return len(self.actors)
+
+    def run_plan(self, plan: ScoringPlan) -> list[dict]:
+        from ray.util import ActorPool
+
+        pool = ActorPool(self.actors)
+        results = {}
+        payloads = plan.batch_payloads()
+        for batch_id, res in pool.map_unordered(
+                lambda a, p: a.score.remote(p[0], p[1], plan.eos_id, plan.protocol), payloads):
+            results[batch_id] = res
+        return plan.per_text(results)
+
+    def score(self, texts: Sequence[str], gen_ids, tok, protocol: str = "mdlm", batch_size: int = 16) -> dict:
+        gen_ids = gen_ids if gen_ids is not None else [None] * len(texts)
+        plan = ScoringPlan(texts, gen_ids, tok, protocol, self.max_len, batch_size)
+        t0 = time.perf_counter()
+        per_text = self.run_plan(plan)
+        out = aggregate(per_text, protocol)
+        out["score_seconds"] = time.perf_counter() - t0
+        out["num_actors"] = self.num_actors
+        return out
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+        if self._started:
+            ray.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

@@ -1,0 +1,137 @@
+"""Evaluation outputs: ``results.json``, ``results.csv`` and ``frontier.png`` under run.dir/eval.
+
+The plot shows entropy (x) against Gen-PPL (y, log scale): our sweep points (one line per
+(latent scale, top-p, K), annotated with the temperature), the sample file(s), the real-data
+reference we measured, and — in grey, hollow, labelled "reported" — the published LM1B figures
+from DESIGN.md §1 (the Coupling Models paper and its peers). Those are numbers copied from the
+papers, not our measurements; the paper reports entropy in bits, so they are converted to nats
+when our protocol is ``mdlm``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+# (label, Gen-PPL, entropy in bits) — published LM1B one-step figures (DESIGN.md §1).
+REPORTED_LM1B = [
+    ("Coupling (paper) τ=0.50", 45.82, 3.61),
+    ("Coupling (paper) τ=0.60", 76.19, 4.08),
+    ("Coupling (paper) τ=0.65", 98.96, 4.32),
+    ("LM1B test data (paper)", 47.47, 4.31),
+    ("FMLM (reported)", 119.34, 4.16),
+    ("DFM-ESD (reported)", 68.11, 3.79),
+]
+
+CSV_COLUMNS = ["name", "kind", "protocol", "temperature", "latent_scale", "top_p", "steps", "num_texts", "gen_ppl",
+               "entropy", "entropy_unit", "mean_length", "mean_scorer_tokens", "distinct_1", "distinct_2",
+               "distinct_3", "distinct_4", "scored_tokens", "bad_lines", "sample_seconds", "score_seconds"]
+
+
+def _atomic_write(path: str, write) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8", newline="") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def write_results(out_dir: str, results: dict) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "results.json")
+
+    def clean(o):
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [clean(v) for v in o]
+        return _clean(o)
+
+    _atomic_write(path, lambda fh: json.dump(clean(results), fh, indent=2, sort_keys=True))
+    return path
+
+
+def write_csv(out_dir: str, rows: list[dict]) -> str:
+    path = os.path.join(out_dir, "results.csv")
+
+    def w(fh):
+        wr = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        wr.writeheader()
+        for r in rows:
+            wr.writerow({k: _clean(r.get(k)) for k in CSV_COLUMNS})
+
+    _atomic_write(path, w)
+    return path
+
+
+def plot_frontier(out_dir: str, rows: list[dict], protocol: str, title: Optional[str] = None) -> str:
+    """rows: dicts with kind in {sweep, file, reference}, gen_ppl, entropy, settings columns."""
+    unit = "bits" if protocol == "paper" else "nats"
+    conv = 1.0 if unit == "bits" else math.log(2.0)  # bits -> nats for the reported points
+    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    groups: dict = {}
+    for r in rows:
+        if r.get("kind") == "sweep" and _finite(r):
+            groups.setdefault((r.get("latent_scale"), r.get("top_p"), r.get("steps")), []).append(r)
+    for (ls, tp, k), pts in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        pts = sorted(pts, key=lambda r: r["temperature"])
+        ax.plot([p["entropy"] for p in pts], [p["gen_ppl"] for p in pts], "o-",
+                label=f"ours: s={ls}, top-p={tp}, K={k}")
+        for p in pts:
+            ax.annotate(f"τ={p['temperature']:g}", (p["entropy"], p["gen_ppl"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7)
+    for r in rows:
+        if r.get("kind") == "file" and _finite(r):
+            ax.plot([r["entropy"]], [r["gen_ppl"]], "s", label=f"ours: {r['name']}")
+        if r.get("kind") == "reference" and _finite(r):
+            ax.plot([r["entropy"]], [r["gen_ppl"]], "*", markersize=14, color="black",
+                    label=f"real held-out text (ours): {r['name']}")
+    for label, ppl, ent_bits in REPORTED_LM1B:
+        marker = "D" if "data" in label else "^"
+        ax.plot([ent_bits * conv], [ppl], marker, markerfacecolor="none", color="grey", markersize=7)
+        ax.annotate(label, (ent_bits * conv, ppl), textcoords="offset points", xytext=(4, -9), fontsize=6,
+                    color="grey")
+    ax.plot([], [], "^", markerfacecolor="none", color="grey",
+            label="reported LM1B figures (papers, not our measurements)"
+                  + ("" if unit == "bits" else "; bits converted to nats"))
+    ax.set_yscale("log")
+    ax.set_xlabel(f"unigram entropy per sample ({unit})")
+    ax.set_ylabel("Gen-PPL (log scale)")
+    ax.set_title(title or f"Entropy–Gen-PPL frontier (protocol: {protocol})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "frontier.png")
+    tmp = os.path.join(out_dir, f".frontier.{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _finite(r: dict) -> bool:
+    return all(isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) and r[k] > 0 for k in ("gen_ppl",)) \
+        and isinstance(r.get("entropy"), (int, float)) and math.isfinite(r["entropy"])
+
+
+def write_all(out_dir: str, rows: list[dict], protocol: str, extra: dict) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    results = {"protocol": protocol, "rows": rows, "reported_lm1b": [
+        {"label": lbl, "gen_ppl": p, "entropy_bits": e, "source": "published figures (DESIGN.md §1), not measured"}
+        for lbl, p, e in REPORTED_LM1B], **extra}
+    return {"json": write_results(out_dir, results), "csv": write_csv(out_dir, rows),
+            "png": plot_frontier(out_dir, rows, protocol)}

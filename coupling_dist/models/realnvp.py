@@ -1,0 +1,149 @@
+"""RealNVP over a whole latent sequence u [B, T, d] (Stage A's flow).
+
+Each coupling layer splits the *channels* into two halves (which half is kept alternates between
+layers) and transforms the other half with an affine map whose shift and log-scale come from a
+small **bidirectional transformer over positions** fed the kept half. Because the conditioner sees
+every position, the flow models the joint latent across positions: an i.i.d. per-token flow would
+leave positions correlated while sampling assumes N(0, I) on the whole [T, d] block.
+
+Pads (mask == 0) pass through unchanged with zero log-det contribution: their conditioner input is
+zeroed, they are excluded as attention keys, and their shift/log-scale are forced to 0 with
+``torch.where`` (not a multiply, so a non-finite value at a pad can never leak into a real entry).
+Hence non-pad outputs do not depend on pad values and ``forward``/``inverse`` are exact inverses
+for any mask.
+
+Log-scales are bounded by ``bound * tanh(raw / bound)`` so a single layer can never blow up; the
+last linear layer of every conditioner is zero-initialised so the flow starts as the identity.
+Conditioners use LayerNorm (not the shared RMSNorm, which computes in float32 whatever the input
+dtype): in float64 the whole flow is then float64 end to end, which the exact log-det and
+inverse checks need.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .layers import Transformer, transformer_flops_per_token
+
+
+def sinusoidal_positions(T: int, dim: int, device=None, dtype=None) -> torch.Tensor:
+    """Fixed [T, dim] position code: no max length to store, so one model serves any seq_len."""
+    pos = torch.arange(T, device=device, dtype=torch.float64)[:, None]
+    half = dim // 2
+    freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=device, dtype=torch.float64) / max(half, 1))
+    ang = pos * freq[None]
+    out = torch.zeros(T, dim, device=device, dtype=torch.float64)
+    out[:, 0:2 * half:2] = torch.sin(ang)
+    out[:, 1:2 * half:2] = torch.cos(ang)
+    return out.to(dtype or torch.get_default_dtype())
+
+
+def safe_key_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Attention key mask with at least one key per row: a fully padded row would otherwise give
+    NaN attention (its outputs are discarded anyway)."""
+    km = mask.bool().clone()
+    km[:, 0] |= ~km.any(1)
+    return km
+
+
+class Conditioner(nn.Module):
+    """[B, T, n_in] -> [B, T, n_out] through in-proj + positions + transformer + zero-init out-proj."""
+
+    def __init__(self, n_in: int, n_out: int, hidden: int, depth: int, heads: int, ffn: int,
+                 norm: str = "layernorm", act: str = "swiglu"):
+        super().__init__()
+        self.inp = nn.Linear(n_in, hidden)
+        self.body = Transformer(hidden, depth, heads, ffn, norm=norm, act=act)
+        self.out = nn.Linear(hidden, n_out)
+        nn.init.zeros_(self.out.weight)  # identity flow at init
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        h = self.inp(x) + sinusoidal_positions(x.shape[1], self.inp.out_features, x.device, x.dtype)
+        return self.out(self.body(h, safe_key_mask(mask), causal))
+
+
+class AffineCoupling(nn.Module):
+    """One channel-split affine coupling; ``parity`` picks which half is kept."""
+
+    def __init__(self, dim: int, parity: int, hidden: int, depth: int, heads: int, ffn: int, bound: float):
+        super().__init__()
+        self.dim, self.parity, self.bound = dim, parity, bound
+        self.split = dim // 2
+        n_keep = self.split if parity == 0 else dim - self.split
+        self.n_change = dim - n_keep
+        self.cond = Conditioner(n_keep, 2 * self.n_change, hidden, depth, heads, ffn)
+
+    def _halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = x[..., :self.split], x[..., self.split:]
+        return (lo, hi) if self.parity == 0 else (hi, lo)
+
+    def _join(self, keep: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+        return torch.cat([keep, change] if self.parity == 0 else [change, keep], dim=-1)
+
+    def _params(self, keep: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = torch.where(m[..., None], keep, torch.zeros((), dtype=keep.dtype, device=keep.device))
+        raw = self.cond(keep, m)
+        shift, logs = raw[..., :self.n_change], raw[..., self.n_change:]
+        logs = self.bound * torch.tanh(logs / self.bound)
+        zero = torch.zeros((), dtype=raw.dtype, device=raw.device)
+        return torch.where(m[..., None], shift, zero), torch.where(m[..., None], logs, zero)
+
+    def forward(self, x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keep, change = self._halves(x)
+        shift, logs = self._params(keep, m)
+        return self._join(keep, change * torch.exp(logs) + shift), logs.sum(dim=(1, 2))
+
+    def inverse(self, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        keep, change = self._halves(y)
+        shift, logs = self._params(keep, m)
+        return self._join(keep, (change - shift) * torch.exp(-logs))
+
+
+class RealNVP(nn.Module):
+    """Stack of ``layers`` affine couplings with alternating channel halves.
+
+    ``forward(u, mask) -> (z, logdet[B])`` with logdet = log|det dz/du|; ``inverse(z, mask) -> u``.
+    """
+
+    def __init__(self, dim: int, layers: int = 4, hidden: int = 64, depth: int = 1, heads: int = 4,
+                 ffn: Optional[int] = None, scale_bound: float = 2.0):
+        super().__init__()
+        if dim < 2:
+            raise ValueError(f"RealNVP needs latent dim >= 2 for channel-split couplings (got {dim})")
+        self.dim, self.hidden, self.depth = dim, hidden, depth
+        self.ffn = ffn or 2 * hidden
+        self.layers = nn.ModuleList(AffineCoupling(dim, i % 2, hidden, depth, heads, self.ffn, scale_bound)
+                                    for i in range(layers))
+
+    @staticmethod
+    def _mask(u: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if mask is None:
+            return torch.ones(u.shape[:2], dtype=torch.bool, device=u.device)
+        return mask.bool()
+
+    def forward(self, u: torch.Tensor, mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self._mask(u, mask)
+        logdet = u.new_zeros(u.shape[0])
+        for layer in self.layers:
+            u, ld = layer(u, m)
+            logdet = logdet + ld
+        return u, logdet
+
+    def inverse(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        m = self._mask(z, mask)
+        for layer in reversed(self.layers):
+            z = layer.inverse(z, m)
+        return z
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward matmul FLOPs per position."""
+        per = 0.0
+        for layer in self.layers:
+            n_keep = self.dim - layer.n_change
+            per += 2 * n_keep * self.hidden + 2 * self.hidden * 2 * layer.n_change
+            per += transformer_flops_per_token(self.hidden, self.depth, self.ffn, seq_len)
+        return per

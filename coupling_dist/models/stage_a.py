@@ -1,0 +1,207 @@
+"""Stage A: sequence -> Gaussian coupling (projection, dequantization noise, flow, light decoder).
+
+    features [B, T, H] --normalise--> proj --> mean [B, T, d]
+    u = mean + sigma * eps                      (sigma = noise_scale, or a learned log-variance)
+    z, logdet = flow(u, mask)                   (RealNVP or TarFlow; z ~ N(0, I) after training)
+    logits = head(decoder(u))                   (reconstruction of the tokens from u)
+
+    L = lambda_rec * CE + lambda_KL * KL(q(u|x) || N(0, I)) + lambda_flow(step) * NLL_flow
+
+Normalisation of the three terms (stated because their relative weights depend on it): CE is the
+mean over real tokens; KL and the flow NLL are means over real (token, channel) elements, in nats,
+so ``bpd`` = NLL / ln 2 is the usual bits-per-dim of a continuous density (it can be negative).
+Pads are excluded from all three. At pads u is set to plain eps (~N(0, I)) rather than
+mean + sigma*eps: the flow passes pads through unchanged, so the stored z at pads is then exactly
+N(0, I), matching what Stage B sees at sampling time, where z ~ N(0, I) everywhere.
+
+Feature normalisation statistics (per-channel mean/std of the frozen encoder features) live in the
+model as buffers so that the export carries them; they are estimated from the first batches
+(``estimate_feature_stats``) or passed in (``set_feature_stats``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import StageAConfig
+from .layers import Transformer, transformer_flops_per_token
+from .realnvp import RealNVP, safe_key_mask, sinusoidal_positions
+from .tarflow import TarFlow
+
+LOG_2PI = math.log(2 * math.pi)
+CE_CHUNK_ROWS = 256  # rows of [N_real, V] logits materialised at once (V is ~152k for Qwen)
+
+
+def build_flow(dim: int, fc) -> nn.Module:
+    cls = {"realnvp": RealNVP, "tarflow": TarFlow}.get(fc.kind)
+    if cls is None:
+        raise ValueError(f"stage_a.flow.kind '{fc.kind}' is not one of realnvp|tarflow")
+    return cls(dim, layers=fc.layers, hidden=fc.hidden, depth=fc.depth, heads=fc.heads,
+               ffn=getattr(fc, "ffn", None), scale_bound=fc.scale_bound)
+
+
+def features_to_float(features: torch.Tensor) -> torch.Tensor:
+    """Shard features may be float16, float32, or bfloat16 stored as uint16 bit patterns."""
+    if features.dtype in (torch.uint16, torch.int16):
+        return features.view(torch.bfloat16).float()
+    return features.float()
+
+
+class StageAModel(nn.Module):
+    def __init__(self, feature_dim: int, vocab_size: int, cfg: StageAConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.feature_dim, self.vocab_size, self.latent_dim = feature_dim, vocab_size, cfg.latent_dim
+        self.register_buffer("feat_mean", torch.zeros(feature_dim))
+        self.register_buffer("feat_std", torch.ones(feature_dim))
+        self.register_buffer("feat_stats_set", torch.zeros((), dtype=torch.bool))
+        d = cfg.latent_dim
+        self.proj = nn.Linear(feature_dim, d)
+        self.logvar = None
+        if cfg.learned_logvar:
+            # Starts at log(sigma^2) everywhere, i.e. exactly the fixed-noise model.
+            self.logvar = nn.Linear(feature_dim, d)
+            nn.init.zeros_(self.logvar.weight)
+            nn.init.constant_(self.logvar.bias, 2 * math.log(cfg.noise_scale))
+        self.flow = build_flow(d, cfg.flow)
+        dc = cfg.decoder
+        self.dec_in = nn.Linear(d, dc.width)
+        self.decoder = Transformer(dc.width, dc.depth, dc.heads, dc.ffn)
+        self.head = nn.Linear(dc.width, vocab_size)
+
+    # ------------------------------------------------------------------ normalisation statistics
+
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        if mean.shape != (self.feature_dim,) or std.shape != (self.feature_dim,):
+            raise ValueError(f"feature stats must have shape [{self.feature_dim}], got {tuple(mean.shape)}/{tuple(std.shape)}")
+        with torch.no_grad():
+            self.feat_mean.copy_(mean.to(self.feat_mean))
+            self.feat_std.copy_(std.to(self.feat_std).clamp_min(1e-6))
+            self.feat_stats_set.fill_(True)
+
+    @staticmethod
+    def estimate_feature_stats(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean/std over the real tokens of (features [B,T,H], mask [B,T]) batches (float64 sums)."""
+        s = s2 = None
+        n = 0
+        for feats, mask in batches:
+            x = features_to_float(feats).double()[mask.bool()]
+            s = x.sum(0) if s is None else s + x.sum(0)
+            s2 = x.pow(2).sum(0) if s2 is None else s2 + x.pow(2).sum(0)
+            n += x.shape[0]
+        if not n:
+            raise ValueError("no real tokens to estimate feature statistics from")
+        mean = s / n
+        std = (s2 / n - mean.pow(2)).clamp_min(0).sqrt()
+        return mean.float(), std.float()
+
+    def normalize(self, features: torch.Tensor) -> torch.Tensor:
+        x = features_to_float(features).to(self.feat_mean.dtype)
+        return ((x - self.feat_mean) / self.feat_std).to(self.proj.weight.dtype)
+
+    # ------------------------------------------------------------------ the coupling
+
+    def posterior(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(u|x) = N(mean, exp(logvar)) per element, [B, T, d] each."""
+        h = self.normalize(features)
+        mean = self.proj(h)
+        if self.logvar is not None:
+            logvar = self.logvar(h).clamp(-12.0, 6.0)
+        else:
+            logvar = torch.full_like(mean, 2 * math.log(self.cfg.noise_scale))
+        return mean, logvar
+
+    def encode_latent(self, features: torch.Tensor, mask: torch.Tensor, eps: Optional[torch.Tensor] = None,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """u = E(x, eps): mean + sigma * eps at real tokens, eps itself at pads (see module doc)."""
+        mean, logvar = self.posterior(features)
+        if eps is None:
+            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        real = mean + torch.exp(0.5 * logvar) * eps
+        return torch.where(mask.bool()[..., None], real, eps.to(real.dtype))
+
+    def to_gaussian(self, u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.flow(u, mask)[0]
+
+    def from_gaussian(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.flow.inverse(z, mask)
+
+    def decoder_hidden(self, u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.dec_in(u) + sinusoidal_positions(u.shape[1], self.dec_in.out_features, u.device, u.dtype)
+        return self.decoder(h, safe_key_mask(mask))
+
+    def decode(self, u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Full logits [B, T, V] (inference/small V; the loss never materialises them all)."""
+        return self.head(self.decoder_hidden(u, mask))
+
+    # ------------------------------------------------------------------ loss
+
+    def lambda_flow(self, step: int) -> float:
+        c = self.cfg
+        ramp = c.flow_anneal_fraction * c.train.steps
+        frac = 1.0 if ramp <= 0 else min(1.0, max(0, step) / ramp)
+        return c.lambda_flow_start + (c.lambda_flow_end - c.lambda_flow_start) * frac
+
+    def _ce_chunk(self, h: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.head(h).float()
+        return (F.cross_entropy(logits, target, reduction="sum"),
+                (logits.argmax(-1) == target).sum().to(logits.dtype))
+
+    def reconstruction(self, u: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CE sum, #correct) over real tokens, in row chunks: with V ~ 152k, materialising all
+        [B*T, V] logits (plus their gradient) would take gigabytes; each chunk's logits are
+        recomputed in backward instead of stored."""
+        m = mask.bool()
+        h = self.decoder_hidden(u, mask)[m]
+        target = tokens[m].long()
+        ce = h.new_zeros((), dtype=torch.float32)
+        correct = torch.zeros((), dtype=torch.float32, device=h.device)
+        big = self.vocab_size * CE_CHUNK_ROWS > 4_000_000 and torch.is_grad_enabled()
+        for i in range(0, h.shape[0], CE_CHUNK_ROWS):
+            hc, tc = h[i:i + CE_CHUNK_ROWS], target[i:i + CE_CHUNK_ROWS]
+            l, c = checkpoint(self._ce_chunk, hc, tc, use_reentrant=False) if big else self._ce_chunk(hc, tc)
+            ce, correct = ce + l, correct + c
+        return ce, correct
+
+    def loss(self, features: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, step: int = 0,
+             eps: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+        m = mask.bool()
+        mf = m[..., None].to(self.proj.weight.dtype)
+        n_tok = m.sum().clamp_min(1)
+        n_el = n_tok * self.latent_dim
+        mean, logvar = self.posterior(features)
+        if eps is None:
+            eps = torch.randn_like(mean)
+        u = torch.where(m[..., None], mean + torch.exp(0.5 * logvar) * eps, eps)
+        # KL(N(mean, var) || N(0, 1)) per element, closed form.
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
+        kl = (kl * mf).sum() / n_el
+        z, logdet = self.flow(u, m)
+        nll = ((0.5 * z.pow(2) + 0.5 * LOG_2PI) * mf).sum() - logdet.sum()
+        nll = nll / n_el
+        ce_sum, correct = self.reconstruction(u, tokens, mask)
+        ce = ce_sum / n_tok
+        c = self.cfg
+        lam = self.lambda_flow(step)
+        total = c.lambda_rec * ce + c.lambda_kl * kl + lam * nll
+        metrics = {"loss": total.detach(), "ce": ce.detach(), "kl": kl.detach(), "flow_nll": nll.detach(),
+                   "bpd": nll.detach() / math.log(2), "rec_acc": correct / n_tok,
+                   "logdet_per_dim": logdet.sum().detach() / n_el, "lambda_flow": torch.tensor(lam),
+                   "z_std": z.detach()[m].std() if m.sum() > 1 else torch.tensor(0.0)}
+        return total, metrics
+
+    # ------------------------------------------------------------------ accounting
+
+    def flops_per_sample(self, seq_len: int) -> float:
+        """Training FLOPs per sequence (forward matmuls x 3 for forward + backward)."""
+        d, H, dc = self.latent_dim, self.feature_dim, self.cfg.decoder
+        per_tok = 2 * H * d * (2 if self.logvar is not None else 1)
+        per_tok += self.flow.flops_per_token(seq_len)
+        per_tok += 2 * d * dc.width + transformer_flops_per_token(dc.width, dc.depth, dc.ffn, seq_len)
+        per_tok += 2 * dc.width * self.vocab_size
+        return 3.0 * seq_len * per_tok

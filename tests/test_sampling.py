@@ -1,0 +1,253 @@
+"""Sampling: top-p vs the full-sort reference, reproducibility, P2-self vs a direct transcription,
+K = 1 vs one-step decoding, multi-rank merged output (real torchrun processes)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from conftest import ROOT, torchrun  # noqa: E402
+from toy_generators import MaskedToy, OneStepToy, masked_meta, onestep_meta  # noqa: E402
+
+from coupling_dist.sampling.onestep import (SampleSettings, draw_latents, sample_generator,  # noqa: E402
+                                            sample_onestep)
+from coupling_dist.sampling.p2_self import kappa, sample_p2_self  # noqa: E402
+from coupling_dist.sampling.top_p import (sample_top_p, top_p_mask, top_p_mask_reference)  # noqa: E402
+
+QWEN_V = 151936
+
+
+# --------------------------------------------------------------------------- top-p
+
+
+@pytest.mark.parametrize("scale,p", [(1.0, 0.95), (4.0, 0.95), (10.0, 0.9), (30.0, 0.5), (2.0, 0.999)])
+def test_top_p_equals_full_sort_reference(scale, p):
+    g = torch.Generator().manual_seed(int(scale * 10))
+    logits = torch.randn(24, QWEN_V, generator=g) * scale
+    logits[:3, -300:] = float("-inf")  # banned ids
+    fast, ref = top_p_mask(logits, p), top_p_mask_reference(logits, p)
+    assert torch.equal(fast, ref)
+    assert (ref.sum(1) >= 1).all()
+
+
+def test_top_p_ties_and_small_k():
+    # Equal values straddling the top-k boundary must fall back and keep every tied token.
+    logits = torch.full((4, 5000), -20.0)
+    logits[:, :10] = 5.0  # 10 tied leaders
+    logits[1, :3] = 9.0
+    logits[2] = torch.linspace(3, -3, 5000)
+    for k in (4, 9, 10, 11, 64):
+        assert torch.equal(top_p_mask(logits, 0.9, k=k), top_p_mask_reference(logits, 0.9))
+    assert top_p_mask(logits, 0.9, k=4)[0, :10].all()  # all tied leaders kept
+    assert top_p_mask(torch.randn(3, 50), 1.0).all()
+
+
+def test_top_p_nucleus_definition_small():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    lg = probs.log()
+    assert top_p_mask_reference(lg, 0.5).tolist() == [[True, False, False, False]]  # smallest set reaching p
+    assert top_p_mask_reference(lg, 0.78).tolist() == [[True, True, False, False]]
+    assert top_p_mask_reference(lg, 0.82).tolist() == [[True, True, True, False]]
+    assert top_p_mask(lg, 0.82, k=2).tolist() == [[True, True, True, False]]  # fallback path
+    assert top_p_mask(lg, 0.78, k=2).tolist() == [[True, True, False, False]]  # fast path
+
+
+def test_sample_top_p_stays_in_nucleus_and_matches_law():
+    g = torch.Generator().manual_seed(1)
+    V = 40
+    row = torch.randn(V, generator=g) * 2
+    n = 40000
+    logits = row.expand(n, V)
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    tok = sample_top_p(logits, u, 0.8, k=8)
+    keep = top_p_mask_reference(row[None], 0.8)[0]
+    assert keep[tok].all()
+    q = torch.softmax(row.double(), 0) * keep
+    q = q / q.sum()
+    freq = torch.bincount(tok, minlength=V).double() / n
+    assert (freq - q).abs().max() < 0.015  # ~4 sigma for the largest kept probability
+    # k larger than V, and top_p = 1 (no filtering), follow the same law.
+    full = sample_top_p(logits, u, 1.0)
+    freq1 = torch.bincount(full, minlength=V).double() / n
+    assert (freq1 - torch.softmax(row.double(), 0)).abs().max() < 0.015
+
+
+# --------------------------------------------------------------------------- one-step
+
+
+def _toy_onestep(V=300, T=10, d=6, eos=7):
+    return OneStepToy(V, T, d, eos_id=eos), onestep_meta(V, T, d, eos)
+
+
+def test_onestep_reproducible_and_batch_size_independent():
+    model, meta = _toy_onestep()
+    s = SampleSettings(temperature=0.7, top_p=0.9, latent_scale=0.85, seed=11)
+    a = sample_onestep(model, meta, range(23), s, batch_size=23)
+    b = sample_onestep(model, meta, range(23), s, batch_size=4)
+    c = sample_onestep(model, meta, range(23), s, batch_size=1)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    # A block of indices (what one rank draws) equals the same rows of the whole set.
+    assert torch.equal(sample_onestep(model, meta, range(9, 17), s, batch_size=3), a[9:17])
+    other = sample_onestep(model, meta, range(23), SampleSettings(temperature=0.7, top_p=0.9, seed=12), batch_size=5)
+    assert not torch.equal(a, other)
+    assert len({tuple(r) for r in a.tolist()}) > 15  # samples differ from each other
+
+
+def test_latent_scale_and_per_position_temperature():
+    gens = [sample_generator(0, i) for i in range(64)]
+    z = draw_latents(gens, 16, 32, 0.8)
+    assert abs(z.std().item() - 0.8) < 0.02 and abs(z.mean().item()) < 0.02
+    model, meta = _toy_onestep(T=10)
+    # Temperature -> 0 at a position makes it (near) greedy there; a list gives one value per position.
+    temps = [1e-4] * 5 + [1.0] * 5
+    s = SampleSettings(temperature=temps, top_p=1.0, seed=0)
+    ids = sample_onestep(model, meta, range(30), s, batch_size=8)
+    gz = torch.stack([draw_latents([sample_generator(0, i)], 10, 6, s.latent_scale)[0] for i in range(30)])
+    greedy = model(gz).argmax(-1)
+    assert torch.equal(ids[:, :5], greedy[:, :5])
+    assert not torch.equal(ids[:, 5:], greedy[:, 5:])
+    with pytest.raises(ValueError):
+        sample_onestep(model, meta, range(2), SampleSettings(temperature=[1.0, 1.0]))
+
+
+# --------------------------------------------------------------------------- P2-self
+
+
+def _transcribe_sample(logits_row, u, tau, top_p, banned):
+    """One categorical draw, written out: fp32 softmax, sort, nucleus, inverse CDF in fp64."""
+    lg = logits_row.float().clone()
+    lg[banned] = float("-inf")
+    lg = lg / tau
+    q = torch.exp(lg - torch.logsumexp(lg, 0)).tolist()
+    order = sorted(range(len(q)), key=lambda v: -q[v])
+    acc, n = 0.0, 0
+    for v in order:
+        if acc < top_p:
+            n += 1
+            acc += q[v]
+    thr = q[order[n - 1]]
+    kept = [v for v in order if q[v] >= thr]
+    total = 0.0
+    for v in kept:
+        total += q[v]
+    target, acc = u * total, 0.0
+    for v in kept:
+        acc += q[v]
+        if acc > target:
+            return v, lg
+    return kept[-1], lg
+
+
+def _transcribe_p2(model, meta, indices, s: SampleSettings):
+    """P2-self exactly as DESIGN.md states it, one position at a time."""
+    T, d, mask = meta["seq_len"], meta["latent_dim"], meta["mask_token_id"]
+    K = s.steps
+    gens = [sample_generator(s.seed, i) for i in indices]
+    z = draw_latents(gens, T, d, s.latent_scale)
+    x = [[mask] * T for _ in indices]
+    events = []
+    for i in range(1, K + 1):
+        u = [torch.rand(T, generator=g, dtype=torch.float64).tolist() for g in gens]
+        logits = model(z, torch.tensor(x))
+        step = {"revealed": [], "remasked": [], "masked_after": []}
+        for b in range(len(indices)):
+            scores, cand = [], []
+            for t in range(T):
+                tok, lg = _transcribe_sample(logits[b, t], u[b][t], s.temperature, s.top_p, [mask])
+                was_masked = x[b][t] == mask
+                c = tok if was_masked else x[b][t]
+                sc = float((lg[c] - torch.logsumexp(lg, 0)).item())
+                cand.append(c)
+                scores.append(sc if was_masked else sc * s.eta)
+            n_mask = math.floor(T * (1 - kappa(s.kappa, i / K)))
+            lowest = sorted(range(T), key=lambda t: (scores[t], t))[:n_mask]
+            new = [mask if t in lowest else cand[t] for t in range(T)]
+            step["revealed"].append(sorted(t for t in range(T) if x[b][t] == mask and new[t] != mask))
+            step["remasked"].append(sorted(t for t in range(T) if x[b][t] != mask and new[t] == mask))
+            step["masked_after"].append(sorted(lowest))
+            x[b] = new
+        events.append(step)
+    return torch.tensor(x), events
+
+
+@pytest.mark.parametrize("steps,eta,kap", [(4, 2.0, "cosine"), (6, 1.0, "linear"), (3, 0.0, "linear")])
+def test_p2_self_matches_direct_transcription(steps, eta, kap):
+    V, T, d, mask = 24, 10, 4, 23
+    model = MaskedToy(V, T, d, mask)
+    meta = masked_meta(V, T, d, 0, mask)
+    s = SampleSettings(temperature=0.9, top_p=0.95, latent_scale=0.85, steps=steps, eta=eta, kappa=kap, seed=5)
+    trace: list = []
+    with torch.no_grad():
+        ids = sample_p2_self(model, meta, range(6), s, batch_size=6, trace=trace)
+        ref, events = _transcribe_p2(model, meta, range(6), s)
+    assert torch.equal(ids, ref)
+    assert (ids != mask).all()
+    remasked = 0
+    for step, ev in zip(trace, events):
+        for b in range(6):
+            before, after = step["masked_before"][b], step["masked_after"][b]
+            assert sorted(after.nonzero().flatten().tolist()) == ev["masked_after"][b]
+            assert sorted((before & ~after).nonzero().flatten().tolist()) == ev["revealed"][b]
+            assert sorted((~before & after).nonzero().flatten().tolist()) == ev["remasked"][b]
+            remasked += len(ev["remasked"][b])
+            assert int(after.sum()) == math.floor(T * (1 - kappa(kap, step["step"] / steps)))
+    if eta > 0:
+        assert remasked > 0  # low-confidence revealed positions really get remasked
+    else:
+        assert remasked == 0  # eta = 0: revealed positions score 0, above any masked proposal
+
+
+def test_p2_self_k1_equals_onestep_decoding():
+    V, T, d, mask = 50, 12, 5, 49
+    model = MaskedToy(V, T, d, mask, seed=3)
+    meta = masked_meta(V, T, d, 0, mask)
+    s = SampleSettings(temperature=0.8, top_p=0.9, steps=1, seed=2)
+    with torch.no_grad():
+        a = sample_p2_self(model, meta, range(16), s, batch_size=5)
+        b = sample_onestep(lambda z: model(z, torch.full(z.shape[:2], mask)), meta, range(16), s, batch_size=16)
+    assert torch.equal(a, b)
+    assert not (a == mask).any()
+
+
+def test_p2_self_batch_size_independent():
+    V, T, d, mask = 30, 8, 4, 29
+    model = MaskedToy(V, T, d, mask, seed=1)
+    meta = masked_meta(V, T, d, 0, mask)
+    s = SampleSettings(temperature=1.0, top_p=0.95, steps=4, seed=9)
+    with torch.no_grad():
+        assert torch.equal(sample_p2_self(model, meta, range(10), s, batch_size=10),
+                           sample_p2_self(model, meta, range(10), s, batch_size=3))
+
+
+# --------------------------------------------------------------------------- entry-level: records, ranks
+
+
+def test_records_stop_at_first_eos_and_multirank_merge(tmp_path):
+    from coupling_dist.assets import load_tokenizer
+    from coupling_dist.sample import run_sampling
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from sample_worker import QWEN_EOS, main as worker_main  # noqa: F401
+
+    single = str(tmp_path / "one" / "samples.jsonl")
+    worker_main(single, 10, 4)  # world 1 in-process
+    multi = str(tmp_path / "two" / "samples.jsonl")
+    torchrun(2, [os.path.join(ROOT, "tests", "sample_worker.py"), multi, "10", "3"], timeout=300)
+    one = open(single, encoding="utf-8").read().splitlines()
+    two = open(multi, encoding="utf-8").read().splitlines()
+    assert one == two and len(one) == 10
+    assert not [f for f in os.listdir(tmp_path / "two") if f != "samples.jsonl"]  # parts/temp files removed
+    tok = load_tokenizer("asset:qwen2.5-tokenizer")
+    recs = [json.loads(line) for line in one]
+    assert [r["index"] for r in recs] == list(range(10))
+    assert any(r["eos"] for r in recs) and any(len(r["ids"]) > 0 for r in recs)
+    for r in recs:
+        assert QWEN_EOS not in r["ids"] and all(i < len(tok) for i in r["ids"])
+        assert r["text"] == tok.decode(r["ids"])
+        assert r["settings"]["temperature"] == 0.7
