@@ -161,6 +161,9 @@ class PairStoreConfig:
     batch_size: int = _f(64, gt=0)
     ks_alpha: float = _f(0.01, gt=0, lt=1)
     report_samples: int = _f(2048, gt=0)
+    artifact: Optional[str] = None  # exported Stage A dir; default run.dir/stage_a/export
+    ray_workers: Optional[int] = _f(None, gt=0)  # run the ranks as this many Ray actors (single-process launch)
+    device: str = _f("auto", choices=("auto", "cpu", "cuda"))
 
 
 @dataclass

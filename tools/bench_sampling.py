@@ -81,13 +81,15 @@ def bench_onestep_vs_ar(a) -> None:
         prompt = torch.zeros((a.batch, 1), dtype=torch.long, device=dev)
         kw = dict(do_sample=True, top_p=0.95, temperature=0.6, top_k=0, use_cache=True, max_new_tokens=a.seq_len,
                   min_new_tokens=a.seq_len, pad_token_id=0)
-        ar.generate(prompt[:min(a.batch, 8)], **dict(kw, max_new_tokens=4, min_new_tokens=4))  # warm-up
+        ones = torch.ones_like(prompt)
+        ar.generate(prompt[:min(a.batch, 8)], attention_mask=ones[:min(a.batch, 8)],
+                    **dict(kw, max_new_tokens=4, min_new_tokens=4))  # warm-up
         _sync(dev)
         t0 = time.perf_counter()
         done = 0
         while done < a.num_samples:
             n = min(a.batch, a.num_samples - done)
-            out = ar.generate(prompt[:n], **kw)
+            out = ar.generate(prompt[:n], attention_mask=ones[:n], **kw)
             assert out.shape[1] == a.seq_len + 1
             done += n
         _sync(dev)

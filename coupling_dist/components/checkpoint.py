@@ -1,0 +1,297 @@
+"""Sharded, atomic, resumable training checkpoints (DeepSpeed shards + our per-rank trainer state).
+
+Layout under ``<stage_dir>/checkpoints/``::
+
+    step_00000100/                         a complete checkpoint
+        mp_rank_00_model_states.pt          DeepSpeed: module (ZeRO 0-2), scheduler, client state
+        zero_pp_rank_{r}_mp_rank_00_optim_states.pt   DeepSpeed: one optimizer shard per DP rank
+        zero_pp_rank_{r}_mp_rank_00_model_states.pt   DeepSpeed, ZeRO-3 only: module shards
+        trainer_state_rank{r}.pt / .json    ours: step, data position, RNG states, layout
+        ema_rank{r}.pt                      ours: this rank's EMA shard (full tensors, by name)
+        complete.json                       written last, by rank 0, after every rank finished
+    step_00000150.tmp/                      being written (or abandoned by a crash): never resumed
+    .universal/step_00000100/               DeepSpeed universal conversion (made on demand)
+    latest                                  name of the newest complete checkpoint, updated last
+
+Save protocol: every rank writes into ``step_N.tmp``; ``all_ok`` (a barrier that also fails if
+any rank failed); rank 0 fsyncs, writes ``complete.json``, renames the directory to ``step_N``,
+replaces ``latest`` atomically, and prunes to the newest ``keep_last``. A crash at any point
+leaves either the previous ``latest`` or a ``.tmp``/marker-less directory that resume skips.
+
+Resume at another data-parallel size (or ZeRO stage): rank 0 converts the sharded checkpoint with
+DeepSpeed's ``ds_to_universal`` (world-size-independent, per-parameter fp32 weights and Adam
+moments) once, and every rank loads it with ``checkpoint.load_universal``. RNG streams cannot map
+across world sizes: they are reseeded from (seed, step, rank); the data stream continues exactly
+because the loader position is a global step. Same world size: plain sharded load, bitwise exact.
+Our own files are read with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import random
+import re
+import shutil
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import dist as D
+from .logging import get_logger
+
+LOG = get_logger("checkpoint")
+MARKER, LATEST, UNIVERSAL = "complete.json", "latest", ".universal"
+STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    """Every RNG a training step may draw from, in a form ``weights_only`` loading accepts."""
+    version, state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    out = {"python": {"version": version, "state": list(state), "gauss": gauss},
+           "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                     "has_gauss": int(has_gauss), "cached": float(cached)},
+           "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(s: dict) -> None:
+    p = s["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    n = s["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- finding checkpoints
+
+
+def read_marker(path: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(path, MARKER), encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def complete_checkpoints(root: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint, oldest first; ``.tmp`` and marker-less dirs
+    (interrupted writes) are ignored."""
+    out = []
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        m = STEP_RE.match(name)
+        path = os.path.join(root, name)
+        if m and os.path.isdir(path):
+            marker = read_marker(path)
+            if marker is not None and marker.get("step") == int(m.group(1)):
+                out.append((int(m.group(1)), path))
+    return sorted(out)
+
+
+def find_resume(root: str, resume: str = "auto") -> Optional[str]:
+    """``none``: fresh start. ``auto``: the checkpoint named by ``latest`` when it is complete,
+    else the newest complete one, else None. Otherwise a path that must be a complete checkpoint."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        path = os.path.abspath(resume)
+        if read_marker(path) is None:
+            raise FileNotFoundError(f"train.resume: '{resume}' is not a complete checkpoint (no {MARKER}: "
+                                    f"missing, or interrupted while being written)")
+        return path
+    latest = os.path.join(root, LATEST)
+    if os.path.isfile(latest):
+        with open(latest, encoding="utf-8") as fh:
+            name = fh.read().strip()
+        path = os.path.join(root, name)
+        if STEP_RE.match(name) and read_marker(path) is not None:
+            return path
+        LOG.warning("%s names '%s', which is not a complete checkpoint; using the newest complete one", latest, name)
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _write_atomic(path: str, writer) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    writer(tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    def w(tmp):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    _write_atomic(path, w)
+
+
+def _fsync_tree(path: str) -> None:
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_own(path: str):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------- manager
+
+
+class CheckpointManager:
+    def __init__(self, stage_dir: str, keep_last: int = 2):
+        self.root = os.path.join(stage_dir, "checkpoints")
+        self.keep_last = keep_last
+        os.makedirs(self.root, exist_ok=True)
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.root, step_name(step))
+
+    # ------------------------------------------------------------------ save (collective)
+
+    def save(self, engine, step: int, state: dict, ema_state: Optional[dict], layout: dict) -> str:
+        """Write checkpoint ``step`` from every rank; returns its final path. ``state`` is this
+        rank's trainer state (tensors, lists, numbers, strings only)."""
+        final, name = self.path(step), step_name(step)
+        tmp = final + ".tmp"
+        if D.is_main() and os.path.exists(tmp):
+            shutil.rmtree(tmp)  # abandoned by an earlier crash
+        D.barrier()
+        ok = True
+        try:
+            engine.save_checkpoint(self.root, tag=name + ".tmp", save_latest=False)
+            r = D.rank()
+            _write_atomic(os.path.join(tmp, f"trainer_state_rank{r}.pt"), lambda p: torch.save(state, p))
+            summary = {k: v for k, v in state.items() if k in ("step", "data_step", "layout", "time")}
+            write_text_atomic(os.path.join(tmp, f"trainer_state_rank{r}.json"), json.dumps(summary, indent=1))
+            if ema_state is not None:
+                _write_atomic(os.path.join(tmp, f"ema_rank{r}.pt"), lambda p: torch.save(ema_state, p))
+        except Exception:
+            LOG.exception("rank %d failed writing checkpoint %s", D.rank(), tmp)
+            ok = False
+        if not D.all_ok(ok):
+            raise RuntimeError(f"checkpoint {tmp} failed on some rank; {LATEST} still names the previous one")
+        if D.is_main():
+            _fsync_tree(tmp)
+            marker = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **layout}
+            write_text_atomic(os.path.join(tmp, MARKER), json.dumps(marker, indent=1))
+            old = None
+            if os.path.exists(final):  # same step written by an earlier run (resumed from further back)
+                old = final + ".old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(final, old)
+            os.rename(tmp, final)
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
+            write_text_atomic(os.path.join(self.root, LATEST), name + "\n")
+            self.prune()
+        D.barrier()
+        return final
+
+    def prune(self) -> None:
+        done = complete_checkpoints(self.root)
+        keep = {p for _, p in done[-self.keep_last:]}
+        for _, path in done:
+            if path not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+                shutil.rmtree(os.path.join(self.root, UNIVERSAL, os.path.basename(path)), ignore_errors=True)
+        newest = done[-1][0] if done else -1
+        for tmp in glob.glob(os.path.join(self.root, "step_*.tmp")):
+            m = STEP_RE.match(os.path.basename(tmp)[:-4])
+            if m and int(m.group(1)) < newest:  # stale leftovers of crashed saves
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    # ------------------------------------------------------------------ resume
+
+    def plan_resume(self, resume: str, layout: dict) -> Optional[dict]:
+        """Decided on rank 0 and broadcast, so every rank loads the same checkpoint. ``universal``
+        is set when the saved layout (DP size, ZeRO stage, MP size) differs from ``layout``."""
+        plan = None
+        if D.is_main():
+            path = find_resume(self.root, resume)
+            if path is not None:
+                marker = read_marker(path)
+                if marker.get("mp_world", 1) != layout["mp_world"]:
+                    raise ValueError(f"{path}: saved with model-parallel size {marker.get('mp_world')} but this "
+                                     f"run uses {layout['mp_world']}; convert the TP shards first")
+                same = all(marker.get(k) == layout[k] for k in ("dp_world", "zero_stage", "world"))
+                plan = {"path": path, "step": int(marker["step"]), "marker": marker, "universal": not same}
+        return D.broadcast_object(plan)
+
+    def universal_dir(self, plan: dict) -> str:
+        return os.path.join(self.root, UNIVERSAL, os.path.basename(plan["path"]))
+
+    def convert_universal(self, plan: dict) -> str:
+        """DeepSpeed universal checkpoint of ``plan['path']`` (rank 0 converts once; cached)."""
+        out = self.universal_dir(plan)
+        if D.is_main() and read_marker(out) is None:
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            tmp = out + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            LOG.info("converting %s (DP %s, ZeRO %s) to a universal checkpoint for this layout", plan["path"],
+                     plan["marker"].get("dp_world"), plan["marker"].get("zero_stage"))
+            ds_to_universal(argparse.Namespace(input_folder=plan["path"], output_folder=tmp, num_extract_workers=1,
+                                               num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                               inject_missing_state=True))
+            write_text_atomic(os.path.join(tmp, MARKER), json.dumps({"step": plan["step"], "universal": True}))
+            shutil.rmtree(out, ignore_errors=True)
+            os.rename(tmp, out)
+        D.barrier()
+        return out
+
+    def load(self, engine, plan: dict, mp_rank: int = 0) -> tuple[Optional[dict], dict, list[dict]]:
+        """Load DeepSpeed state into ``engine``; return (this rank's trainer state or None when the
+        layout changed, rank 0's trainer state, EMA shards of this model-parallel rank)."""
+        if plan["universal"]:
+            src = self.convert_universal(plan)
+            load_dir, tag = os.path.dirname(src), os.path.basename(src)
+        else:
+            load_dir, tag = self.root, os.path.basename(plan["path"])
+        path, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(load_dir, tag)}")
+        ckpt = plan["path"]
+        own = None
+        if not plan["universal"]:
+            own = load_own(os.path.join(ckpt, f"trainer_state_rank{D.rank()}.pt"))
+        first = load_own(os.path.join(ckpt, "trainer_state_rank0.pt"))
+        ema = []
+        for f in sorted(glob.glob(os.path.join(ckpt, "ema_rank*.pt"))):
+            shard = load_own(f)
+            if shard.get("mp_rank", 0) == mp_rank:
+                ema.append(shard)
+        return own, first, ema

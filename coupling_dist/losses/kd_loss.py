@@ -1,0 +1,237 @@
+"""Stage B loss: token CE (+ label smoothing) and KD from a causal teacher, chunked and vocab-parallel.
+
+    L = lambda_ce * sum_r w_ce[r] * CE_r  +  lambda_kd * sum_r w_kd[r] * tau^2 * KL(p_T[r] || p_S[r])
+
+with CE_r = (1 - eps) * (lse(s_r) - s_r[y_r]) + eps * (lse(s_r) - mean_v s_r[v]) (the definition of
+``F.cross_entropy(label_smoothing=eps)``), p_T = softmax(t_r / tau) from the teacher's row and
+p_S = softmax(s_r / tau). Row weights carry the pad mask and the normalisation (``sequence_loss``
+builds them, pairing student position t with teacher position t - 1).
+
+Why a custom autograd Function: at V = 151,936 the student and teacher logits of one batch are
+gigabytes in fp32. ``ChunkedHeadLoss`` never materialises them: rows are processed ``chunk_rows``
+at a time, and within a row chunk the vocabulary ``chunk_vocab`` columns at a time with online
+(running max, rescaled sum) log-sum-exp statistics for the student (at T = 1 and at tau), the
+teacher, and the teacher-weighted log-ratio sum needed by the KL. Once a row chunk's statistics
+are complete, a second sweep recomputes each logit chunk and accumulates the gradients w.r.t. the
+hidden rows and the head weight right away (d/ds = softmax(s) - target for CE and
+tau * (softmax(s/tau) - p_T) for the scaled KL), so backward only scales the stored gradients by the
+incoming scalar. Memory is O(chunk_rows * chunk_vocab) beyond the inputs and their gradients.
+When the whole local vocabulary fits in one chunk the logits of the first sweep are reused, so the
+matmul count equals the naive forward + backward.
+
+Vocab-parallel (TP > 1): each rank passes its vocabulary shard of the student head and of the
+teacher head (split the same way, ``vocab_start``), the per-row maxima are all-reduced (MAX) and
+the rescaled sums (SUM) in the TP group; only O(rows) numbers cross ranks, never the vocabulary.
+The hidden rows are replicated over the TP group, so their gradient is the sum of the ranks'
+partial gradients (all-reduced here).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+@dataclass
+class LossOptions:
+    temperature: float = 2.0
+    label_smoothing: float = 0.0
+    lambda_ce: float = 1.0
+    lambda_kd: float = 1.0
+    vocab_start: int = 0
+    vocab_size: Optional[int] = None  # full vocabulary (all TP ranks); default: local shard size
+    tp_group: object = None
+    chunk_rows: int = 64
+    chunk_vocab: int = 32768
+
+
+def _tp(group) -> int:
+    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, ht, wt, targets, ce_w, kd_w, o: LossOptions):
+        N, H = h.shape
+        Vl = w.shape[0]
+        V = int(o.vocab_size or Vl)
+        tau, eps = float(o.temperature), float(o.label_smoothing)
+        tp = _tp(o.tp_group)
+        use_kd = ht is not None and o.lambda_kd != 0.0
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros(N, H, dtype=torch.float32, device=h.device) if need_h else None
+        grad_w = torch.zeros(Vl, H, dtype=torch.float32, device=w.device) if need_w else None
+        ce_rows = torch.zeros(N, dtype=torch.float32, device=h.device)
+        kd_rows = torch.zeros(N, dtype=torch.float32, device=h.device)
+        R, C = max(1, int(o.chunk_rows)), max(1, int(o.chunk_vocab))
+        single = Vl <= C  # one vocabulary chunk: keep its logits for the gradient sweep
+        local_t = targets.long() - int(o.vocab_start)
+
+        for r0 in range(0, N, R):
+            r1 = min(N, r0 + R)
+            hr = h[r0:r1]
+            htr = ht[r0:r1] if use_kd else None
+            n = r1 - r0
+            neg = torch.full((n,), -float("inf"), device=h.device)
+            m_s, m_q, m_t = neg.clone(), neg.clone(), neg.clone()
+            z_s, z_q, z_t, a_t = (torch.zeros(n, device=h.device) for _ in range(4))
+            sum_s = torch.zeros(n, device=h.device)
+            tgt = torch.zeros(n, device=h.device)
+            lt = local_t[r0:r1]
+            kept = None
+            for v0 in range(0, Vl, C):
+                v1 = min(Vl, v0 + C)
+                s = (hr @ w[v0:v1].t()).float()
+                q = s / tau
+                m_new = torch.maximum(m_s, s.amax(1))
+                z_s = z_s * torch.exp(m_s - m_new) + torch.exp(s - m_new[:, None]).sum(1)
+                m_s = m_new
+                m_new = torch.maximum(m_q, q.amax(1))
+                z_q = z_q * torch.exp(m_q - m_new) + torch.exp(q - m_new[:, None]).sum(1)
+                m_q = m_new
+                if eps:
+                    sum_s += s.sum(1)
+                inside = (lt >= v0) & (lt < v1)
+                if inside.any():
+                    idx = inside.nonzero(as_tuple=True)[0]
+                    tgt[idx] += s[idx, lt[idx] - v0]
+                t = None
+                if use_kd:
+                    t = (htr @ wt[v0:v1].t()).float() / tau
+                    m_new = torch.maximum(m_t, t.amax(1))
+                    scale = torch.exp(m_t - m_new)
+                    e = torch.exp(t - m_new[:, None])
+                    z_t = z_t * scale + e.sum(1)
+                    a_t = a_t * scale + (e * (t - q)).sum(1)
+                    m_t = m_new
+                if single:
+                    kept = (s, t)
+            if tp > 1:  # vocabulary shards: combine the per-row statistics of all TP ranks
+                mx = torch.stack([m_s, m_q, m_t if use_kd else m_s])
+                mg = mx.clone()
+                dist.all_reduce(mg, op=dist.ReduceOp.MAX, group=o.tp_group)
+                f = torch.exp(mx - mg)
+                sums = torch.stack([z_s * f[0], z_q * f[1], z_t * f[2], a_t * f[2], sum_s, tgt])
+                dist.all_reduce(sums, group=o.tp_group)
+                z_s, z_q, z_t, a_t, sum_s, tgt = sums.unbind(0)
+                m_s, m_q, m_t = mg.unbind(0)
+            lse_s = m_s + torch.log(z_s)
+            lse_q = m_q + torch.log(z_q)
+            ce_rows[r0:r1] = (1 - eps) * (lse_s - tgt) + (eps * (lse_s - sum_s / V) if eps else 0.0)
+            if use_kd:
+                lse_t = m_t + torch.log(z_t)
+                kd_rows[r0:r1] = tau * tau * (a_t / z_t - lse_t + lse_q)
+            if not (need_h or need_w):
+                continue
+            c_ce = (o.lambda_ce * ce_w[r0:r1].float())[:, None]
+            c_kd = (o.lambda_kd * tau * kd_w[r0:r1].float())[:, None] if use_kd else None
+            hr32 = hr.float()
+            for v0 in range(0, Vl, C):
+                v1 = min(Vl, v0 + C)
+                if single:
+                    s, t = kept
+                else:
+                    s = (hr @ w[v0:v1].t()).float()
+                    t = (htr @ wt[v0:v1].t()).float() / tau if use_kd else None
+                g = torch.exp(s - lse_s[:, None])
+                if eps:
+                    g -= eps / V
+                g *= c_ce
+                inside = (lt >= v0) & (lt < v1)
+                if inside.any():
+                    idx = inside.nonzero(as_tuple=True)[0]
+                    g[idx, lt[idx] - v0] -= (1 - eps) * c_ce[idx, 0]
+                if use_kd:
+                    g += c_kd * (torch.exp(s / tau - lse_q[:, None]) - torch.exp(t - lse_t[:, None]))
+                if need_h:
+                    grad_h[r0:r1] += g @ w[v0:v1].float()
+                if need_w:
+                    grad_w[v0:v1] += g.t() @ hr32
+        if need_h and tp > 1:
+            dist.all_reduce(grad_h, group=o.tp_group)
+        ce = (ce_rows * ce_w.float()).sum()
+        kd = (kd_rows * kd_w.float()).sum() if use_kd else torch.zeros((), device=h.device)
+        total = o.lambda_ce * ce + o.lambda_kd * kd
+        ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
+        ctx.dtypes = (h.dtype, w.dtype)
+        ctx.mark_non_differentiable(ce, kd)
+        return total, ce, kd
+
+    @staticmethod
+    def backward(ctx, g_total, _g_ce, _g_kd):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = (grad_h * g_total).to(ctx.dtypes[0]) if grad_h is not None else None
+        gw = (grad_w * g_total).to(ctx.dtypes[1]) if grad_w is not None else None
+        return gh, gw, None, None, None, None, None, None
+
+
+def kd_loss(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, ce_weight: torch.Tensor, *,
+            teacher_hidden: Optional[torch.Tensor] = None, teacher_weight: Optional[torch.Tensor] = None,
+            kd_weight: Optional[torch.Tensor] = None, **options) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows form: hidden [N, H], head_weight [V_local, H] (this rank's vocabulary shard), targets [N]
+    (global ids), ce_weight [N]; teacher_hidden [N, Ht] row-aligned with the student rows,
+    teacher_weight [V_local, Ht] (same shard), kd_weight [N]. Returns (total, ce, kd): ``total``
+    carries the gradient; ``ce`` and ``kd`` are the weighted sums, detached (for logging)."""
+    o = LossOptions(**options)
+    if teacher_hidden is None or kd_weight is None:
+        teacher_hidden = teacher_weight = None
+        kd_weight = torch.zeros_like(ce_weight)
+    elif teacher_weight is None or teacher_weight.shape[0] != head_weight.shape[0]:
+        raise ValueError(f"teacher head shard {None if teacher_weight is None else tuple(teacher_weight.shape)} does not "
+                         f"match the student's vocabulary shard {tuple(head_weight.shape)}")
+    return ChunkedHeadLoss.apply(hidden, head_weight, teacher_hidden, teacher_weight, targets, ce_weight, kd_weight, o)
+
+
+def row_weights(ce_mask: torch.Tensor, kd_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """[B, T] bool masks -> per-row weights [B*T] (token means). KD pairs student position t with the
+    teacher's prediction at t - 1, so position 0 never carries KD."""
+    ce_w = ce_mask.float() / ce_mask.sum().clamp(min=1)
+    kd_w = None
+    if kd_mask is not None:
+        kd_mask = kd_mask.clone()
+        kd_mask[:, 0] = False
+        kd_w = kd_mask.float() / kd_mask.sum().clamp(min=1)
+        kd_w = kd_w.reshape(-1)
+    return ce_w.reshape(-1), kd_w
+
+
+def shift_teacher(teacher_hidden: torch.Tensor) -> torch.Tensor:
+    """[B, T, Ht] -> [B, T, Ht] with row t holding the teacher's state at t - 1 (row 0: zeros)."""
+    return torch.cat([torch.zeros_like(teacher_hidden[:, :1]), teacher_hidden[:, :-1]], dim=1)
+
+
+def sequence_loss(hidden: torch.Tensor, tokens: torch.Tensor, ce_mask: torch.Tensor, head_weight: torch.Tensor, *,
+                  teacher_hidden: Optional[torch.Tensor] = None, teacher_weight: Optional[torch.Tensor] = None,
+                  kd_mask: Optional[torch.Tensor] = None, **options):
+    """Batch form: hidden [B, T, H], tokens [B, T], ce_mask [B, T] bool (real tokens to score),
+    teacher_hidden [B, T, Ht] (the causal teacher run on ``tokens``), kd_mask [B, T] bool."""
+    B, T, H = hidden.shape
+    ce_w, kd_w = row_weights(ce_mask, kd_mask if teacher_hidden is not None else None)
+    th = None
+    if teacher_hidden is not None:
+        th = shift_teacher(teacher_hidden).reshape(B * T, -1)
+    return kd_loss(hidden.reshape(B * T, H), head_weight, tokens.reshape(-1), ce_w, teacher_hidden=th,
+                   teacher_weight=teacher_weight, kd_weight=kd_w, **options)
+
+
+def naive_sequence_loss(student_logits: torch.Tensor, tokens: torch.Tensor, ce_mask: torch.Tensor, *,
+                        teacher_logits: Optional[torch.Tensor] = None, kd_mask: Optional[torch.Tensor] = None,
+                        temperature: float = 2.0, label_smoothing: float = 0.0, lambda_ce: float = 1.0,
+                        lambda_kd: float = 1.0):
+    """The same loss from full fp32 logits [B, T, V] (reference for tests and the benchmark baseline)."""
+    s = student_logits.float()
+    ce_tok = F.cross_entropy(s.transpose(1, 2), tokens.long(), reduction="none", label_smoothing=label_smoothing)
+    ce = (ce_tok * ce_mask).sum() / ce_mask.sum().clamp(min=1)
+    kd = torch.zeros((), device=s.device)
+    if teacher_logits is not None and kd_mask is not None:
+        tau = temperature
+        t = teacher_logits.float()[:, :-1] / tau  # teacher position t-1 predicts token t
+        log_q = F.log_softmax(s[:, 1:] / tau, -1)
+        log_p = F.log_softmax(t, -1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1) * tau * tau
+        m = kd_mask[:, 1:].float()
+        kd = (kl * m).sum() / m.sum().clamp(min=1)
+    return lambda_ce * ce + lambda_kd * kd, ce, kd

@@ -1,0 +1,182 @@
+"""Stage B generator: G(z) -> logits [B, T, V] (one-step) or H(x_t, z) -> logits (masked denoiser).
+
+Plain PyTorch; no parallelism in here. ``coupling_dist.distributed.tensor_parallel`` swaps the
+projections for megatron-core sharded ones *from outside* (the names q/k/v/o, gate/up/down,
+fc_in/fc_out, ``head`` and ``tok_emb`` are the contract), so the same forward runs at TP = 1 and
+TP > 1 (then ``forward`` returns this rank's vocabulary shard of the logits).
+
+Layout: z [B, T, d] -> ``in_proj`` (d -> width) + learned ``pos_emb`` [T, width]
+(+ ``tok_emb(x_t)`` for the masked kind) -> bidirectional ``Transformer`` (its final norm
+included) -> ``head`` (width -> V, no bias). ``hidden()`` stops before the head so the loss can
+apply the head in chunks without materialising [B, T, V] (``losses.kd_loss``).
+
+Export (``export_generator``): ``model.safetensors`` + ``config.json`` (architecture + meta:
+tokenizer reference, latent_dim, seq_len, vocab_size, kind, mask_token_id, eos_id, pad_id),
+written into a temp dir and renamed. ``load_generator`` needs only torch + safetensors: it must
+never import DeepSpeed or megatron-core (sampling runs on machines without them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .layers import Transformer, transformer_flops_per_token
+
+FORMAT_VERSION = 1
+ARCH_KEYS = ("kind", "width", "depth", "heads", "ffn", "norm", "act", "attention")
+
+
+def _arch(cfg: Any) -> dict:
+    """GeneratorConfig (dataclass) or a plain dict -> the architecture dict stored in config.json."""
+    d = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+    missing = [k for k in ARCH_KEYS if k not in d]
+    if missing:
+        raise ValueError(f"generator config lacks {missing}")
+    return {k: d[k] for k in ARCH_KEYS}
+
+
+class Generator(nn.Module):
+    def __init__(self, cfg: Any, latent_dim: int, seq_len: int, vocab_size: int,
+                 mask_token_id: Optional[int] = None):
+        super().__init__()
+        a = _arch(cfg)
+        self.arch = a
+        self.kind = a["kind"]
+        self.latent_dim, self.seq_len, self.vocab_size = int(latent_dim), int(seq_len), int(vocab_size)
+        self.width = int(a["width"])
+        if self.kind == "masked":
+            if mask_token_id is None or not 0 <= int(mask_token_id) < self.vocab_size:
+                raise ValueError(f"masked generator needs a mask_token_id in [0, {self.vocab_size}), got {mask_token_id}")
+        self.mask_token_id = None if mask_token_id is None else int(mask_token_id)
+        self.in_proj = nn.Linear(self.latent_dim, self.width)
+        self.pos_emb = nn.Parameter(torch.randn(self.seq_len, self.width) * 0.02)
+        self.tok_emb = nn.Embedding(self.vocab_size, self.width) if self.kind == "masked" else None
+        if self.tok_emb is not None:
+            nn.init.normal_(self.tok_emb.weight, std=0.02)
+        self.trunk = Transformer(self.width, int(a["depth"]), int(a["heads"]), int(a["ffn"]), norm=a["norm"],
+                                 act=a["act"], backend=a["attention"])
+        self.head = nn.Linear(self.width, self.vocab_size, bias=False)
+        nn.init.normal_(self.head.weight, std=self.width ** -0.5)
+        self.activation_checkpointing = False
+
+    def hidden(self, z: torch.Tensor, x_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """z [B, T, d] (x_t [B, T] long for the masked kind) -> final-normed hidden [B, T, width]."""
+        if z.dim() != 3 or z.shape[-1] != self.latent_dim or z.shape[1] > self.seq_len:
+            raise ValueError(f"z must be [B, T<={self.seq_len}, {self.latent_dim}], got {tuple(z.shape)}")
+        T = z.shape[1]
+        x = self.in_proj(z.to(self.in_proj.weight.dtype)) + self.pos_emb[:T]
+        if self.tok_emb is not None:
+            if x_t is None:  # sampling's first step / one-step decoding: everything masked
+                x_t = torch.full(z.shape[:2], self.mask_token_id, dtype=torch.long, device=z.device)
+            x = x + self.tok_emb(x_t)
+        if self.activation_checkpointing and self.training:
+            from torch.utils.checkpoint import checkpoint
+
+            for block in self.trunk.blocks:
+                x = checkpoint(block, x, use_reentrant=False)
+            return self.trunk.norm(x)
+        return self.trunk(x)
+
+    def forward(self, z: torch.Tensor, x_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits [B, T, V] (this rank's vocabulary shard under tensor parallelism)."""
+        return self.head(self.hidden(z, x_t))
+
+    def flops_per_sample(self, seq_len: Optional[int] = None) -> float:
+        """Training FLOPs (forward + backward = 3x forward matmuls) of one sample."""
+        T = seq_len or self.seq_len
+        a = self.arch
+        per_tok = transformer_flops_per_token(self.width, int(a["depth"]), int(a["ffn"]), T, a["act"])
+        per_tok += 2 * self.latent_dim * self.width + 2 * self.width * self.vocab_size
+        return 3.0 * per_tok * T
+
+
+# --------------------------------------------------------------------------- export / load
+
+
+def _atomic_dir(out_dir: str, write) -> str:
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp.", dir=parent)
+    try:
+        write(tmp)
+        for f in os.listdir(tmp):
+            with open(os.path.join(tmp, f), "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if os.path.exists(out_dir):  # replace: move the old one aside first, then drop it
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old.", dir=parent)
+            os.rmdir(old)
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def export_generator(model_or_state, cfg: Any, meta: dict, out_dir: str) -> str:
+    """Write ``out_dir`` atomically. ``model_or_state``: a TP = 1 ``Generator`` or its full state dict
+    (e.g. the EMA weights from ``gather_full_state_dict``). ``meta`` must give latent_dim, seq_len,
+    vocab_size; it should give tokenizer, eos_id, pad_id (and mask_token_id for the masked kind)."""
+    from safetensors.torch import save_file
+
+    sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else dict(model_or_state)
+    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()
+          if torch.is_tensor(v) and not k.endswith("_extra_state")}
+    arch = _arch(cfg)
+    for key in ("latent_dim", "seq_len", "vocab_size"):
+        if key not in meta:
+            raise ValueError(f"export_generator: meta lacks '{key}'")
+    full_meta = {"kind": arch["kind"], "mask_token_id": None, "eos_id": None, "pad_id": None, "tokenizer": None}
+    full_meta.update(meta)
+    full_meta["kind"] = arch["kind"]
+    conf = {"format": "coupling_dist.generator", "version": FORMAT_VERSION, "arch": arch, "meta": full_meta}
+    # Validate before writing: the weights must load into the architecture they claim.
+    probe = Generator(arch, full_meta["latent_dim"], full_meta["seq_len"], full_meta["vocab_size"],
+                      full_meta.get("mask_token_id"))
+    probe.load_state_dict(sd, strict=True)
+
+    def write(tmp):
+        save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
+            json.dump(conf, fh, indent=2, default=str)
+
+    return _atomic_dir(out_dir, write)
+
+
+def read_export_config(export_dir: str) -> dict:
+    path = os.path.join(export_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no generator export at '{export_dir}' (missing config.json)")
+    with open(path, encoding="utf-8") as fh:
+        conf = json.load(fh)
+    if conf.get("format") != "coupling_dist.generator":
+        raise ValueError(f"{path}: not a coupling_dist generator export (format {conf.get('format')!r})")
+    if int(conf.get("version", 0)) > FORMAT_VERSION:
+        raise ValueError(f"{path}: export version {conf['version']} is newer than this code ({FORMAT_VERSION})")
+    return conf
+
+
+def load_generator(export_dir: str, device="cpu") -> tuple[Generator, dict]:
+    """(Generator in eval mode on ``device``, meta dict). Needs torch + safetensors only."""
+    from safetensors.torch import load_file
+
+    conf = read_export_config(export_dir)
+    meta = dict(conf["meta"])
+    model = Generator(conf["arch"], meta["latent_dim"], meta["seq_len"], meta["vocab_size"], meta.get("mask_token_id"))
+    wpath = os.path.join(export_dir, "model.safetensors")
+    if not os.path.isfile(wpath):
+        raise FileNotFoundError(f"generator export '{export_dir}' lacks model.safetensors")
+    model.load_state_dict(load_file(wpath), strict=True)
+    model.to(device).eval()
+    return model, meta

@@ -1,0 +1,135 @@
+"""Stage A as a Trainer task (see ``components/trainer.py`` for the protocol).
+
+``StageATask.from_data(cfg)`` is what the entry uses: it reads the preprocessed shard set's
+manifest, checks that it holds encoder features that fit the config (clear errors naming the
+manifest and field before any training), estimates the feature normalisation statistics from the
+first training batches, and records what the export needs (seq_len, tokenizer and encoder
+identity). Everything the Trainer calls is below.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from .config import Config
+from .models.stage_a import StageAModel
+from .models.stage_a_export import export_stage_a
+
+STATS_BATCHES = 8  # training batches used to estimate the feature mean/std
+
+
+class DataMismatchError(ValueError):
+    """The shard set does not fit Stage A (missing features, other tokenizer, other width)."""
+
+
+class StageATask:
+    def __init__(self, cfg: Config, feature_dim: int, vocab_size: int, *, seq_len: int,
+                 meta: Optional[dict] = None, stats_batches: Optional[Iterable] = None,
+                 feature_stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+        self.cfg = cfg
+        self.feature_dim, self.vocab_size, self.seq_len = int(feature_dim), int(vocab_size), int(seq_len)
+        self.meta = dict(meta or {})
+        self._stats_batches = stats_batches
+        self._stats = feature_stats
+        self.model: Optional[StageAModel] = None
+
+    # ------------------------------------------------------------------ construction from shards
+
+    @classmethod
+    def from_data(cls, cfg: Config, data_dir: Optional[str] = None) -> "StageATask":
+        from .data.loader import ShardLoader
+        from .data.shards import Manifest
+
+        data_dir = data_dir or cfg.data_dir
+        man = Manifest.load(data_dir)
+        info = describe_source(man, data_dir)
+        if info["feature_dim"] is None:
+            raise DataMismatchError(
+                f"{os.path.join(data_dir, 'manifest.json')}: the shards hold no 'features' field; rerun "
+                f"preprocess with encoder.model set (stage_a.online_encoder is not supported by this task)")
+        check_tokenizer(cfg, info, data_dir)
+        bs = min(cfg.stage_a.train.batch_size, 64)
+
+        def stats_batches():
+            # Same batches on every rank (a world-1 view), so all ranks get identical statistics.
+            loader = ShardLoader(data_dir, "train", bs, cfg.run.seed, 0, 1, fields=["features", "mask"])
+            for i, b in enumerate(loader):
+                if i >= STATS_BATCHES:
+                    break
+                yield b["features"], b["mask"]
+
+        meta = {"seq_len": info["seq_len"], "tokenizer": info["tokenizer"], "encoder": info["encoder"],
+                "feature_dtype": info["feature_dtype"], "source_data": os.path.abspath(data_dir)}
+        return cls(cfg, info["feature_dim"], info["vocab_size"], seq_len=info["seq_len"], meta=meta,
+                   stats_batches=stats_batches())
+
+    # ------------------------------------------------------------------ Trainer protocol
+
+    def build_model(self) -> nn.Module:
+        model = StageAModel(self.feature_dim, self.vocab_size, self.cfg.stage_a)
+        if self._stats is None and self._stats_batches is not None:
+            self._stats = StageAModel.estimate_feature_stats(self._stats_batches)
+        if self._stats is not None:
+            model.set_feature_stats(*self._stats)
+        self.model = model
+        return model
+
+    def loss(self, model: StageAModel, batch: dict, step: int):
+        return model.loss(batch["features"], batch["tokens"], batch["mask"], step)
+
+    @torch.no_grad()
+    def eval_metrics(self, model: StageAModel, batch: dict) -> dict:
+        # Evaluated at the end-of-anneal weight so eval losses are comparable across steps.
+        _, m = model.loss(batch["features"], batch["tokens"], batch["mask"], step=self.cfg.stage_a.train.steps)
+        return {k: v for k, v in m.items() if k != "lambda_flow"}
+
+    def flops_per_sample(self) -> dict:
+        model = self.model or StageAModel(self.feature_dim, self.vocab_size, self.cfg.stage_a)
+        return {"stage_a": model.flops_per_sample(self.seq_len)}
+
+    def tokens_in_batch(self, batch: dict) -> int:
+        return int(batch["mask"].sum().item())
+
+    def export(self, trainer, out_dir: str) -> None:
+        """Collective (ZeRO-3 gathers): every rank calls it; DP rank 0 writes."""
+        sd = trainer.full_state_dict(include_buffers=True)
+        if sd is not None:
+            meta = dict(self.meta, train_step=int(getattr(trainer, "step", 0)))
+            export_stage_a(self.model, out_dir, meta, state_dict=sd)
+
+
+# ---------------------------------------------------------------------- shard-set description
+
+
+def describe_source(man, data_dir: str) -> dict:
+    """What Stage A / the pair store need from a preprocessed manifest, with clear errors."""
+    where = os.path.join(data_dir, "manifest.json")
+    d = man if isinstance(man, dict) else man.to_dict()
+    fields = d.get("fields") or {}
+    feat = fields.get("features")
+    tok = d.get("tokenizer") or {}
+    seq_len = d.get("seq_len")
+    if seq_len is None:
+        raise DataMismatchError(f"{where}: manifest has no 'seq_len'")
+    vocab = tok.get("vocab_size") or d.get("vocab_size")
+    if vocab is None:
+        raise DataMismatchError(f"{where}: manifest has no tokenizer vocab_size")
+    return {"seq_len": int(seq_len), "vocab_size": int(vocab), "tokenizer": tok,
+            "encoder": d.get("encoder") or {}, "feature_dim": int(feat["shape"][-1]) if feat else None,
+            "feature_dtype": (feat or {}).get("dtype")}
+
+
+def check_tokenizer(cfg: Config, info: dict, data_dir: str) -> None:
+    """The shards must have been made with the tokenizer this config names."""
+    from . import assets
+
+    want = assets.tokenizer_identity(cfg.data.tokenizer)
+    have = info["tokenizer"]
+    if have.get("hash") and have["hash"] != want["hash"]:
+        raise DataMismatchError(
+            f"{os.path.join(data_dir, 'manifest.json')}: shards were tokenized with {have.get('name')!r} "
+            f"(vocab hash {have['hash']}) but data.tokenizer is {cfg.data.tokenizer!r} (hash {want['hash']}); "
+            f"rerun preprocess or fix data.tokenizer")
