@@ -64,6 +64,7 @@ class DataConfig:
     heldout_fraction: float = _f(0.05, ge=0.0, lt=1.0)
     max_samples: Optional[int] = _f(None, gt=0)
     out_dir: Optional[str] = None  # default: run.dir/data
+    verify_existing: str = _f("sha256", choices=("sha256", "size"))  # how a re-run checks finished shards
 
 
 @dataclass

@@ -114,9 +114,9 @@ def check_kd(tp: int) -> dict:
                                        vocab_size=V, tp_group=group, chunk_rows=5, chunk_vocab=12)
         gh, gw = torch.autograd.grad(tot2, [hs, ws])
         key = f"eps{eps}"
-        out[key] = {"total": abs(float(tot - tot2)), "ce": abs(float(ce - ce2)), "kd": abs(float(kd - kd2)),
+        out[key] = {"total": abs(float(tot.detach() - tot2.detach())), "ce": abs(float(ce - ce2)), "kd": abs(float(kd - kd2)),
                     "grad_h": maxdiff(gh, gh_ref), "grad_w": maxdiff(gather_vocab(gw.t(), group).t(), gw_ref),
-                    "kd_value": float(kd), "ce_value": float(ce)}
+                    "kd_value": float(kd.detach()), "ce_value": float(ce.detach())}
     return out
 
 

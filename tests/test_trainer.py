@@ -205,3 +205,14 @@ def test_sigusr1_on_one_rank_stops_both(tmp_path):
     assert 3 <= step < 500 and step == max(losses(tmp_path))
     marker = json.loads((tmp_path / "checkpoints" / f"step_{step:08d}" / "complete.json").read_text())
     assert marker["world"] == 2
+
+
+def test_stage_a_entry_refuses_missing_shards(tmp_path):
+    """Pre-flight: no preprocessed shard set -> exit 2 with a clear message, before any training."""
+    from conftest import DEMO, run_module
+
+    proc = run_module("coupling_dist.stage_a", "--config", DEMO, f"run.dir={tmp_path}", "run.wandb.mode=disabled",
+                      check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "manifest.json not found" in proc.stderr and "preprocess" in proc.stderr
+    assert not (tmp_path / "stage_a" / "checkpoints").exists()

@@ -101,9 +101,17 @@ class Trainer:
         self.log_interval = getattr(run, "log_interval", 10)
         self.show_progress = bool(getattr(run, "progress", True)) and D.is_main()
         self.full_config = full_config or {"train": dataclasses.asdict(cfg)}
+        self.metrics = metrics
         self._signal: Optional[int] = None
         self._old_handlers = {s: signal.signal(s, self._on_signal) for s in PREEMPT_SIGNALS}
+        try:
+            self._setup(task, heldout_loader)
+        except BaseException:
+            self._restore_signals()
+            raise
 
+    def _setup(self, task, heldout_loader) -> None:
+        cfg = self.cfg
         D.init_distributed()
         self.device = D.device()
         if self.device.type == "cpu":
@@ -117,8 +125,8 @@ class Trainer:
         self.precision = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.layout = {"world": D.world_size(), "dp_world": self.dp_world, "mp_world": self.mp_world,
                        "zero_stage": cfg.zero_stage, "precision": self.precision, "global_batch": cfg.batch_size}
-        self.ckpt = CheckpointManager(stage_dir, cfg.keep_last)
-        self.metrics = metrics or MetricsLogger(stage_dir, stage, None, enabled=D.is_main())
+        self.ckpt = CheckpointManager(self.stage_dir, cfg.keep_last)
+        self.metrics = self.metrics or MetricsLogger(self.stage_dir, self.stage, None, enabled=D.is_main())
         self.peak_flops = cfg.peak_flops or self._measured_peak()
 
         plan = self.ckpt.plan_resume(cfg.resume, self.layout)

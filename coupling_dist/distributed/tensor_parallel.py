@@ -91,6 +91,8 @@ def apply_tensor_parallel(model: nn.Module, tp_group) -> nn.Module:
     if getattr(model, "_tp_size", 1) != 1:
         raise RuntimeError("apply_tensor_parallel: model is already tensor-parallel")
     cls = _classes()
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes as set_tp_attrs
+
     targets = [(n, m, _kind(n, m)) for n, m in model.named_modules()]
     targets = [(n, m, k) for n, m, k in targets if k is not None]
     if not any(k == "head" for _, _, k in targets):
@@ -122,6 +124,12 @@ def apply_tensor_parallel(model: nn.Module, tp_group) -> nn.Module:
                 dims = {"weight": 0}
         new.to(old.weight.device)
         new.train(old.training)
+        # perform_initialization=False skips megatron's tagging of sharded tensors; DeepSpeed's
+        # gradient-norm (clipping) reads these tags to count each shard once per TP group.
+        for pname, dim in dims.items():
+            t = getattr(new, pname, None)
+            if t is not None and not getattr(t, "tensor_model_parallel", False):
+                set_tp_attrs(t, True, dim, 1)
         new._cd_partition_dims = dims  # which of its tensors are split, along which dim
         if kind == "head":
             new.vocab_start = rank * (old.out_features // size)

@@ -1,0 +1,117 @@
+"""Read a text corpus as a stream of sentences, in a fixed order.
+
+Formats (``data.format``, ``auto`` picks by extension, ``.gz`` allowed for text/JSONL):
+- plain text (``.txt``, ``.cor``, anything else): one sentence per line;
+- JSONL (``.jsonl``, ``.json``): one JSON object per line, sentence in ``data.text_field``;
+- Parquet (``.parquet``): column ``data.text_field`` (the LM1B parquet layout).
+Blank sentences are skipped (they are not samples and get no index). The order is the files in
+``assets.resolve_corpus`` order (sorted within each glob), then line/row order, so the global
+sample index -- the shard key -- is stable across runs. Errors name the file and line/row.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+from typing import Iterator, Optional
+
+
+class CorpusError(ValueError):
+    pass
+
+
+def detect_format(path: str, fmt: str = "auto") -> str:
+    if fmt != "auto":
+        return fmt
+    name = path[:-3] if path.endswith(".gz") else path
+    ext = os.path.splitext(name)[1].lower()
+    return {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(ext, "text")
+
+
+def _open_text(path: str):
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="strict", newline="")
+    return open(path, encoding="utf-8", errors="strict", newline="")
+
+
+def _iter_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line without its newline); decoding errors name the line."""
+    lineno = 0
+    try:
+        with _open_text(path) as fh:
+            for lineno, line in enumerate(fh, 1):
+                yield lineno, line.rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{path}: line {lineno + 1}: not valid UTF-8 ({e.reason})") from None
+
+
+def iter_file(path: str, fmt: str = "auto", text_field: str = "text") -> Iterator[str]:
+    """Sentences of one file (stripped, blanks skipped)."""
+    kind = detect_format(path, fmt)
+    if kind == "text":
+        for _, line in _iter_lines(path):
+            s = line.strip()
+            if s:
+                yield s
+    elif kind == "jsonl":
+        for lineno, line in _iter_lines(path):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise CorpusError(f"{path}: line {lineno}: invalid JSON ({e})") from None
+            if not isinstance(obj, dict) or text_field not in obj:
+                raise CorpusError(f"{path}: line {lineno}: no '{text_field}' field (data.text_field)")
+            val = obj[text_field]
+            if not isinstance(val, str):
+                raise CorpusError(f"{path}: line {lineno}: '{text_field}' is {type(val).__name__}, not a string")
+            if val.strip():
+                yield val.strip()
+    elif kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises several types for a non-parquet file
+            raise CorpusError(f"{path}: not a readable Parquet file ({e})") from None
+        names = pf.schema_arrow.names
+        if text_field not in names:
+            raise CorpusError(f"{path}: no column '{text_field}' (data.text_field); columns: {names}")
+        row = 0
+        for batch in pf.iter_batches(columns=[text_field], batch_size=8192):
+            for val in batch.column(0).to_pylist():
+                row += 1
+                if val is None:
+                    continue
+                if not isinstance(val, str):
+                    raise CorpusError(f"{path}: row {row}: '{text_field}' is {type(val).__name__}, not a string")
+                if val.strip():
+                    yield val.strip()
+    else:
+        raise CorpusError(f"{path}: unknown corpus format {kind!r} (data.format)")
+
+
+def iter_corpus(files: list[str], fmt: str = "auto", text_field: str = "text",
+                limit: Optional[int] = None) -> Iterator[str]:
+    n = 0
+    for path in files:
+        for s in iter_file(path, fmt, text_field):
+            if limit is not None and n >= limit:
+                return
+            yield s
+            n += 1
+
+
+def files_identity(files: list[str]) -> list[dict]:
+    """Content identity of the corpus files (recorded in the manifest; a changed corpus is a
+    different shard set)."""
+    out = []
+    for path in files:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        out.append({"file": os.path.basename(path), "bytes": os.path.getsize(path), "sha256": h.hexdigest()})
+    return out
