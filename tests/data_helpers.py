@@ -44,7 +44,3 @@ def make_shard_set(out_dir: str, n_train: int = 50, n_heldout: int = 6, shard_si
                      tokenizer={"name": "synthetic", "vocab_size": 100_000, "hash": "x"})
     man.save(out_dir)
     return man
-
-
-def index_of(key: str) -> int:
-    return int(key)

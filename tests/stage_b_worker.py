@@ -85,6 +85,22 @@ def check_tp(tp: int, kind: str) -> dict:
     return out
 
 
+def check_rng_tracker() -> dict:
+    """megatron's model-parallel RNG tracker works on CPU (megatron_shim) and forks per TP rank."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    from coupling_dist.distributed import megatron_shim
+
+    before = torch.get_rng_state()
+    with get_cuda_rng_tracker().fork():
+        draw = torch.rand(4)
+    untouched = bool(torch.equal(before, torch.get_rng_state()))
+    parts = [torch.empty(4) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, draw)
+    return {"shim": megatron_shim.applied(), "outer_rng_untouched": untouched,
+            "tp_ranks_differ": not torch.equal(parts[0], parts[1])}
+
+
 def check_kd(tp: int) -> dict:
     """Vocab-parallel chunked CE + KD vs the naive full-logit loss (values and gradients)."""
     from coupling_dist.losses.kd_loss import naive_sequence_loss, sequence_loss
@@ -126,6 +142,7 @@ def main() -> int:
     torch.set_default_dtype(torch.float32)
     if what == "tp":
         res = {kind: check_tp(tp, kind) for kind in ("onestep", "masked")}
+        res["rng"] = check_rng_tracker()
     elif what == "kd":
         res = check_kd(tp)
     else:

@@ -230,13 +230,12 @@ def test_p2_self_batch_size_independent():
 
 def test_records_stop_at_first_eos_and_multirank_merge(tmp_path):
     from coupling_dist.assets import load_tokenizer
-    from coupling_dist.sample import run_sampling
 
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from sample_worker import QWEN_EOS, main as worker_main  # noqa: F401
+    from sample_worker import QWEN_EOS
 
+    # Both runs in their own processes: torch.distributed set-up mutates the environment.
     single = str(tmp_path / "one" / "samples.jsonl")
-    worker_main(single, 10, 4)  # world 1 in-process
+    torchrun(1, [os.path.join(ROOT, "tests", "sample_worker.py"), single, "10", "4"], timeout=300)
     multi = str(tmp_path / "two" / "samples.jsonl")
     torchrun(2, [os.path.join(ROOT, "tests", "sample_worker.py"), multi, "10", "3"], timeout=300)
     one = open(single, encoding="utf-8").read().splitlines()

@@ -42,9 +42,11 @@ def test_tp_layout_errors():
         check_layout(3, 4)
 
 
-def test_shim_is_one_module_applied_only_without_cuda():
+def test_megatron_rng_tracker_on_cpu(tp2):
+    """model_parallel_cuda_manual_seed + tracker.fork() work through the CPU shim: per-TP-rank
+    streams, and the default stream is left as it was."""
     import torch
 
-    from coupling_dist.distributed import megatron_shim
-
-    assert megatron_shim.needed() == (not torch.cuda.is_available())
+    for res in tp2:
+        assert res["rng"]["shim"] == (not torch.cuda.is_available())
+        assert res["rng"]["outer_rng_untouched"] and res["rng"]["tp_ranks_differ"]

@@ -78,6 +78,7 @@ def bench_onestep_vs_ar(a) -> None:
         _sync(dev)
         t_one = time.perf_counter() - t0
         assert ids.shape == (a.num_samples, a.seq_len)
+        print(f"  one-step: {t_one:.2f} s ({a.num_samples / t_one:.1f} samples/s)", flush=True)
         prompt = torch.zeros((a.batch, 1), dtype=torch.long, device=dev)
         kw = dict(do_sample=True, top_p=0.95, temperature=0.6, top_k=0, use_cache=True, max_new_tokens=a.seq_len,
                   min_new_tokens=a.seq_len, pad_token_id=0)
@@ -94,7 +95,6 @@ def bench_onestep_vs_ar(a) -> None:
             done += n
         _sync(dev)
         t_ar = time.perf_counter() - t0
-    print(f"  one-step: {t_one:.2f} s ({a.num_samples / t_one:.1f} samples/s)")
     print(f"  KV-cached autoregressive: {t_ar:.2f} s ({a.num_samples / t_ar:.1f} samples/s)")
     print(f"  ratio AR / one-step: {t_ar / t_one:.1f}x")
 

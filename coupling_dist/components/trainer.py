@@ -176,7 +176,7 @@ class Trainer:
         # DeepSpeed allocates whole communication buckets every step (default 5e8 elements = 2 GB
         # fp32): size them to the model so small models do not pay for page-faulting gigabytes.
         n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        bucket = int(min(5e8, max(1e6, n)))
+        bucket = -(-int(min(5e8, max(1e6, n))) // 1024) * 1024  # DeepSpeed wants alignment multiples
         zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
         if c.zero_stage == 3:
             zero.update(stage3_prefetch_bucket_size=bucket, stage3_param_persistence_threshold=int(min(1e5, n // 100)))
@@ -257,7 +257,10 @@ class Trainer:
             batch = next(it)
         except StopIteration:  # an epoch ended: the loader continues from its own step
             it = iter(self.train_loader)
-            batch = next(it)
+            batch = next(it, None)
+            if batch is None:
+                raise RuntimeError(f"the train loader yields no batches at step {self.step} (fewer samples than "
+                                   f"one global batch of {self.cfg.batch_size}?)") from None
         dev = self.device
         return {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}, it
 

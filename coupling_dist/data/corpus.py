@@ -29,21 +29,20 @@ def detect_format(path: str, fmt: str = "auto") -> str:
     return {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(ext, "text")
 
 
-def _open_text(path: str):
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="strict", newline="")
-    return open(path, encoding="utf-8", errors="strict", newline="")
+def _open_binary(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
 def _iter_lines(path: str) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line without its newline); decoding errors name the line."""
-    lineno = 0
-    try:
-        with _open_text(path) as fh:
-            for lineno, line in enumerate(fh, 1):
-                yield lineno, line.rstrip("\r\n")
-    except UnicodeDecodeError as e:
-        raise CorpusError(f"{path}: line {lineno + 1}: not valid UTF-8 ({e.reason})") from None
+    """(1-based line number, line without its newline). Decoded line by line (text-mode reads
+    decode whole buffers ahead), so a decoding error names the right line."""
+    with _open_binary(path) as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8", errors="strict")
+            except UnicodeDecodeError as e:
+                raise CorpusError(f"{path}: line {lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            yield lineno, line.rstrip("\r\n")
 
 
 def iter_file(path: str, fmt: str = "auto", text_field: str = "text") -> Iterator[str]:

@@ -135,7 +135,8 @@ class _Reader:
 
     def key_of(self, pos: int) -> tuple[str, str]:
         i, off = self.locate(pos)
-        return self.shards[i]["name"], self._shard_index(i).keys[off]
+        name = self.shards[i]["name"]
+        return name, (_key_hint(self.shards[i], off) if name in self.bad else self._shard_index(i).keys[off])
 
     def read(self, pos: int) -> dict:
         i, off = self.locate(pos)
@@ -181,7 +182,7 @@ class _Reader:
 
 def _key_hint(entry: dict, off: Optional[int] = None) -> Optional[str]:
     if off is not None and entry.get("first_key") and entry.get("last_key"):
-        return f"#{off} of {entry['first_key']}..{entry['last_key']}"
+        return f"#{off} (of keys {entry['first_key']}..{entry['last_key']})"
     if entry.get("first_key"):
         return f"{entry['first_key']}..{entry.get('last_key')}"
     return f"#{off}" if off is not None else None

@@ -324,19 +324,37 @@ def run_tasks(cfg: Config, tasks: Iterator[dict], n_tasks: int, out_dir: str, en
                                             max_restarts=r.max_retries, max_task_retries=0)
     device = cfg.encoder.device if r.num_gpus_per_worker > 0 else "cpu"
     n_act = max(1, min(r.num_workers, n_tasks))
-    actors = [Actor.remote(cfg.data.tokenizer, cfg.data.seq_len, out_dir, enc, max(1, int(r.num_cpus_per_worker)),
-                           device) for _ in range(n_act)]
+    actors: list = []
     inflight: dict = {}  # ref -> (actor index, task, attempt)
     load = [0] * n_act
     records: list[dict] = []
     bar = progress(total=n_tasks, desc="preprocess", enabled=cfg.run.progress)
     it = iter(tasks)
 
+    def make_actor():
+        return Actor.remote(cfg.data.tokenizer, cfg.data.seq_len, out_dir, enc, max(1, int(r.num_cpus_per_worker)), device)
+
+    def revive(a, timeout_s=300.0):
+        """Wait until actor ``a`` serves again (Ray restarts a dead actor up to ray.max_retries
+        times; past that, or if it stays unreachable, it is replaced)."""
+        t_end = time.monotonic() + timeout_s
+        while time.monotonic() < t_end:
+            try:
+                ray.get(actors[a].ping.remote(), timeout=timeout_s)
+                return
+            except ray.exceptions.ActorUnavailableError:  # restarting: its constructor is running
+                time.sleep(0.5)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                log.warning("worker %d is gone; starting a replacement", a)
+                actors[a] = make_actor()
+        raise PreprocessError(f"Ray worker {a} did not come back within {timeout_s:.0f}s")
+
     def submit(task, attempt):
         a = min(range(n_act), key=lambda k: load[k])
         load[a] += 1
         inflight[actors[a].process.remote(task)] = (a, task, attempt)
 
+    actors.extend(make_actor() for _ in range(n_act))
     try:
         exhausted = False
         while True:
@@ -353,13 +371,14 @@ def run_tasks(cfg: Config, tasks: Iterator[dict], n_tasks: int, out_dir: str, en
             load[a] -= 1
             try:
                 rec = ray.get(ready[0])
-            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError,
-                    ray.exceptions.ActorUnavailableError) as e:
+            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
                 if attempt >= r.max_retries:
                     raise PreprocessError(f"shard {task['name']}: failed {attempt + 1} time(s) "
                                           f"(ray.max_retries={r.max_retries}): {e}") from None
                 log.warning("shard %s: attempt %d failed (%s); retrying", task["name"], attempt + 1,
                             type(e).__name__)
+                if isinstance(e, ray.exceptions.RayActorError):
+                    revive(a)
                 submit(task, attempt + 1)
                 continue
             records.append(rec)
@@ -381,8 +400,8 @@ def preprocess(cfg: Config) -> str:
     """Make (or complete) the shard set at ``cfg.data_dir``; returns the manifest path."""
     t0 = time.perf_counter()
     out_dir = cfg.data_dir
+    settings = build_settings(cfg)  # config/corpus/model errors before anything is created
     os.makedirs(os.path.join(out_dir, PARTS), exist_ok=True)
-    settings = build_settings(cfg)
     set_fp = fingerprint(settings)
     check_existing(out_dir, set_fp, settings)
     for f in os.listdir(out_dir):  # leftovers of an interrupted write (atomic temp names)

@@ -197,6 +197,15 @@ def index_shard(path: str) -> MemberIndex:
                 members[key][fld] = (ti.offset_data, ti.size)
                 if ti.offset_data + ti.size > os.path.getsize(path):
                     raise ShardError(name, key, f"truncated tar: member '{ti.name}' ends past the end of the file")
+            end = tf.offset
+        # tarfile stops silently when the file ends on a header boundary or inside a header;
+        # a complete archive has a zero end-of-archive block there.
+        with open(path, "rb") as fh:
+            fh.seek(end)
+            blk = fh.read(tarfile.BLOCKSIZE)
+        if len(blk) != tarfile.BLOCKSIZE or blk.count(0) != tarfile.BLOCKSIZE:
+            raise ShardError(name, keys[-1] if keys else None,
+                             "truncated tar: no end-of-archive block after this sample (the file was cut short)")
     except tarfile.TarError as e:
         after = last.split(".", 1)[0] if last else None
         raise ShardError(name, after, f"truncated or damaged tar after member {last!r} ({e})") from None

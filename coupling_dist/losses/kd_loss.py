@@ -11,7 +11,8 @@ Why a custom autograd Function: at V = 151,936 the student and teacher logits of
 gigabytes in fp32. ``ChunkedHeadLoss`` never materialises them: rows are processed ``chunk_rows``
 at a time, and within a row chunk the vocabulary ``chunk_vocab`` columns at a time with online
 (running max, rescaled sum) log-sum-exp statistics for the student (at T = 1 and at tau), the
-teacher, and the teacher-weighted log-ratio sum needed by the KL. Once a row chunk's statistics
+teacher, and the teacher-weighted log-ratio (its expectation, combined across chunks by their
+log-sum-exp weights) needed by the KL. Once a row chunk's statistics
 are complete, a second sweep recomputes each logit chunk and accumulates the gradients w.r.t. the
 hidden rows and the head weight right away (d/ds = softmax(s) - target for CE and
 tau * (softmax(s/tau) - p_T) for the scaled KL), so backward only scales the stored gradients by the
@@ -75,23 +76,18 @@ class ChunkedHeadLoss(torch.autograd.Function):
             hr = h[r0:r1]
             htr = ht[r0:r1] if use_kd else None
             n = r1 - r0
-            neg = torch.full((n,), -float("inf"), device=h.device)
-            m_s, m_q, m_t = neg.clone(), neg.clone(), neg.clone()
-            z_s, z_q, z_t, a_t = (torch.zeros(n, device=h.device) for _ in range(4))
-            sum_s = torch.zeros(n, device=h.device)
-            tgt = torch.zeros(n, device=h.device)
+            # running log-sum-exp of s, s/tau, t/tau over vocabulary chunks; a_t = E_{p_T}[t/tau - s/tau]
+            l_s = torch.full((n,), -float("inf"), device=h.device)
+            l_q, l_t = l_s.clone(), l_s.clone()
+            a_t, sum_s, tgt = (torch.zeros(n, device=h.device) for _ in range(3))
             lt = local_t[r0:r1]
             kept = None
             for v0 in range(0, Vl, C):
                 v1 = min(Vl, v0 + C)
                 s = (hr @ w[v0:v1].t()).float()
                 q = s / tau
-                m_new = torch.maximum(m_s, s.amax(1))
-                z_s = z_s * torch.exp(m_s - m_new) + torch.exp(s - m_new[:, None]).sum(1)
-                m_s = m_new
-                m_new = torch.maximum(m_q, q.amax(1))
-                z_q = z_q * torch.exp(m_q - m_new) + torch.exp(q - m_new[:, None]).sum(1)
-                m_q = m_new
+                l_s = torch.logaddexp(l_s, torch.logsumexp(s, 1))
+                l_q = torch.logaddexp(l_q, torch.logsumexp(q, 1))
                 if eps:
                     sum_s += s.sum(1)
                 inside = (lt >= v0) & (lt < v1)
@@ -100,30 +96,28 @@ class ChunkedHeadLoss(torch.autograd.Function):
                     tgt[idx] += s[idx, lt[idx] - v0]
                 t = None
                 if use_kd:
-                    t = (htr @ wt[v0:v1].t()).float() / tau
-                    m_new = torch.maximum(m_t, t.amax(1))
-                    scale = torch.exp(m_t - m_new)
-                    e = torch.exp(t - m_new[:, None])
-                    z_t = z_t * scale + e.sum(1)
-                    a_t = a_t * scale + (e * (t - q)).sum(1)
-                    m_t = m_new
+                    t = (htr @ wt[v0:v1].t()).float().div_(tau)
+                    lc = torch.logsumexp(t, 1)
+                    a_c = torch.softmax(t, 1).mul_(t - q).sum(1)  # expectation under this chunk's softmax
+                    l_new = torch.logaddexp(l_t, lc)
+                    a_t = a_t * torch.exp(l_t - l_new) + a_c * torch.exp(lc - l_new)
+                    l_t = l_new
                 if single:
                     kept = (s, t)
+                del q
             if tp > 1:  # vocabulary shards: combine the per-row statistics of all TP ranks
-                mx = torch.stack([m_s, m_q, m_t if use_kd else m_s])
-                mg = mx.clone()
-                dist.all_reduce(mg, op=dist.ReduceOp.MAX, group=o.tp_group)
-                f = torch.exp(mx - mg)
-                sums = torch.stack([z_s * f[0], z_q * f[1], z_t * f[2], a_t * f[2], sum_s, tgt])
+                ls = torch.stack([l_s, l_q, l_t if use_kd else l_s])
+                mx = ls.clone()
+                dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=o.tp_group)
+                e = torch.exp(ls - mx)
+                sums = torch.stack([e[0], e[1], e[2], a_t * e[2], sum_s, tgt])
                 dist.all_reduce(sums, group=o.tp_group)
-                z_s, z_q, z_t, a_t, sum_s, tgt = sums.unbind(0)
-                m_s, m_q, m_t = mg.unbind(0)
-            lse_s = m_s + torch.log(z_s)
-            lse_q = m_q + torch.log(z_q)
-            ce_rows[r0:r1] = (1 - eps) * (lse_s - tgt) + (eps * (lse_s - sum_s / V) if eps else 0.0)
+                l_s, l_q, l_t = (mx + torch.log(sums[:3])).unbind(0)
+                a_t = sums[3] / sums[2]
+                sum_s, tgt = sums[4], sums[5]
+            ce_rows[r0:r1] = (1 - eps) * (l_s - tgt) + (eps * (l_s - sum_s / V) if eps else 0.0)
             if use_kd:
-                lse_t = m_t + torch.log(z_t)
-                kd_rows[r0:r1] = tau * tau * (a_t / z_t - lse_t + lse_q)
+                kd_rows[r0:r1] = tau * tau * (a_t - l_t + l_q)
             if not (need_h or need_w):
                 continue
             c_ce = (o.lambda_ce * ce_w[r0:r1].float())[:, None]
@@ -135,21 +129,26 @@ class ChunkedHeadLoss(torch.autograd.Function):
                     s, t = kept
                 else:
                     s = (hr @ w[v0:v1].t()).float()
-                    t = (htr @ wt[v0:v1].t()).float() / tau if use_kd else None
-                g = torch.exp(s - lse_s[:, None])
+                    t = (htr @ wt[v0:v1].t()).float().div_(tau) if use_kd else None
+                # in place where possible: these buffers are [rows, vocab chunk]
+                gq = (s / tau).sub_(l_q[:, None]).exp_().mul_(c_kd) if use_kd else None
+                g = s.sub_(l_s[:, None]).exp_()
                 if eps:
-                    g -= eps / V
-                g *= c_ce
+                    g.sub_(eps / V)
+                g.mul_(c_ce)
                 inside = (lt >= v0) & (lt < v1)
                 if inside.any():
                     idx = inside.nonzero(as_tuple=True)[0]
                     g[idx, lt[idx] - v0] -= (1 - eps) * c_ce[idx, 0]
                 if use_kd:
-                    g += c_kd * (torch.exp(s / tau - lse_q[:, None]) - torch.exp(t - lse_t[:, None]))
+                    g.add_(gq).sub_(t.sub_(l_t[:, None]).exp_().mul_(c_kd))
+                    del gq
+                # addmm_ accumulates in place: no [V_chunk, H] temporary per row chunk
                 if need_h:
-                    grad_h[r0:r1] += g @ w[v0:v1].float()
+                    grad_h[r0:r1].addmm_(g, w[v0:v1].float())
                 if need_w:
-                    grad_w[v0:v1] += g.t() @ hr32
+                    grad_w[v0:v1].addmm_(g.t(), hr32)
+            kept = None
         if need_h and tp > 1:
             dist.all_reduce(grad_h, group=o.tp_group)
         ce = (ce_rows * ce_w.float()).sum()
