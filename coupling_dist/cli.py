@@ -88,6 +88,19 @@ def _write_json_atomic(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def exit_on_peer_failure(fn: Callable, *args):
+    """``fn(*args)``; if a peer rank died (``dist.PeerFailure``), print the message and leave at
+    once with status 1: interpreter shutdown would tear down a process group whose peer is gone,
+    which can block, and every checkpoint on disk is already complete (atomic writes)."""
+    from .components.dist import PeerFailure
+
+    try:
+        return fn(*args)
+    except PeerFailure as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
 def run_entry(stage: str, fn: Callable[[Config], Optional[dict]], argv: Optional[list[str]] = None) -> int:
     """Run one stage. The stage's ``_COMPLETE.json`` marker (read by the pipeline to skip finished
     stages) is removed when the stage starts and written by rank 0 only after ``fn`` returned on
@@ -102,7 +115,7 @@ def run_entry(stage: str, fn: Callable[[Config], Optional[dict]], argv: Optional
         os.remove(marker)
     t0 = time.time()
     try:
-        summary = fn(cfg)
+        summary = exit_on_peer_failure(fn, cfg)
     except (ConfigError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -144,6 +144,7 @@ class StageAConfig:
     noise_scale: float = _f(0.2, gt=0)  # dequantization sigma
     learned_logvar: bool = False
     online_encoder: bool = False  # run the encoder online when shards hold tokens only
+    ray_workers: Optional[int] = _f(None, gt=0)  # run as this many Ray-actor ranks (default under a Ray job: ray.num_workers)
     lambda_rec: float = _f(1.0, ge=0)
     lambda_kl: float = _f(1e-3, ge=0)
     lambda_flow_start: float = _f(0.5, ge=0)
@@ -197,7 +198,7 @@ class StageBConfig:
     latent_mix_prob: float = _f(0.3, ge=0, le=1)
     latent_mix_scale: float = _f(0.9, gt=0)
     train: TrainConfig = _f(factory=lambda: TrainConfig(lr=2e-4, ema_decay=0.999))
-    ray_workers: Optional[int] = _f(None, gt=0)  # world size when launched as a Ray job driver
+    ray_workers: Optional[int] = _f(None, gt=0)  # run as this many Ray-actor ranks (default under a Ray job: ray.num_workers)
 
 
 @dataclass
@@ -214,6 +215,7 @@ class SampleConfig:
     out: Optional[str] = None  # default: run.dir/sample/samples.jsonl
     step_temperatures: Optional[list] = None  # per-step tau_i for P2-self (length = steps)
     export: Optional[str] = None  # generator export dir; default: run.dir/stage_b/export
+    ray_workers: Optional[int] = _f(None, gt=0)  # run as this many Ray-actor ranks (default under a Ray job: ray.num_workers)
 
 
 @dataclass

@@ -164,7 +164,7 @@ def main(cfg) -> dict:
     scorer_tok = load_scorer_tokenizer(e.scorer)
     data_tok = load_tokenizer(cfg.data.tokenizer)
     rows, files, notes = [], [], []
-    with ScorerPool(e.scorer, e.num_actors, cfg.ray.address, cfg.ray.num_cpus_per_worker) as pool:
+    with ScorerPool(e.scorer, e.num_actors, cfg.ray.address, cfg.ray.num_cpus_per_worker, cfg.ray.max_retries) as pool:
         for p in paths:
             sf = read_samples(p, e.max_text_chars)
             _log_problems(sf)

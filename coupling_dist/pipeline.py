@@ -5,8 +5,9 @@ process (clean torch.distributed / DeepSpeed / Ray state per stage), launched th
 ``pipeline.launcher`` says: locally, under torchrun with ``pipeline.nproc`` ranks, or as an
 ``srun`` step inside a SLURM allocation. A stage whose ``_COMPLETE.json`` marker exists is skipped;
 an interrupted stage has no marker and resumes from its own checkpoints / finished shards.
-Run as a Ray job, the stages inherit the job's cluster (preprocess/evaluate actors, training
-workers). At the end a summary table lists status, wall time, key metrics and outputs.
+Run as a Ray job (``ray job submit -- python -m coupling_dist.pipeline``), every stage is a plain
+child process that inherits the job's cluster: preprocess and evaluate schedule their actor pools,
+and the rank-based stages run ``ray.num_workers`` Ray-actor ranks (``components.ray_launch``). At the end a summary table lists status, wall time, key metrics and outputs.
 """
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ OUTPUTS = {  # what each stage leaves for users (relative to run.dir unless abso
 def resolve_launcher(cfg: Config) -> str:
     if cfg.pipeline.launcher != "auto":
         return cfg.pipeline.launcher
+    from .components.ray_launch import under_ray_job
+
+    if under_ray_job():  # each stage process is a Ray driver and places its own ranks (ray_launch)
+        return "local"
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
         return "srun"
     return "torchrun" if cfg.pipeline.nproc > 1 else "local"

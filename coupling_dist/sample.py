@@ -10,7 +10,8 @@ decoding with the data tokenizer; ``eos`` says whether an EOS was generated at a
 Needs only torch + safetensors + the tokenizer: the export is loaded by
 ``coupling_dist.models.generator.load_generator`` (no DeepSpeed / megatron-core).
 
-Multi-rank (torchrun / srun): rank r draws the contiguous block r of the N sample indices. Each
+Multi-rank (torchrun / srun / Ray-actor ranks under ``ray job submit`` or with
+``sample.ray_workers``): rank r draws the contiguous block r of the N sample indices. Each
 sample's randomness is a function of (seed, index) (see ``sampling.onestep``), so the merged file
 is the same for any number of ranks. Ranks write part files; rank 0 merges them in rank order into
 a temp file and renames it into place (readers never see a partial file), then removes the parts.
@@ -150,7 +151,8 @@ def run_sampling(model, meta: dict, tok, out_path: str, settings: SampleSettings
     return {"samples": num_samples, "rank_samples": len(idx), "seconds": elapsed, "out": out_path}
 
 
-def main(cfg) -> dict:
+def sample_rank(cfg) -> dict:
+    """One rank's share of the samples (any launcher); rank 0 writes the merged file."""
     D.init_distributed()
     setup_logging(cfg.stage_dir("sample"), D.rank())
     dev = D.device()
@@ -167,6 +169,12 @@ def main(cfg) -> dict:
     log.info("rank %d: %d samples in %.2f s", D.rank(), summary["rank_samples"], summary["seconds"])
     D.shutdown()
     return summary
+
+
+def main(cfg) -> dict:
+    from .components.ray_launch import run_stage
+
+    return run_stage(cfg, sample_rank, "sample", cfg.sample.ray_workers)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """``python -m coupling_dist.stage_a --config FILE [overrides]``: train Stage A, then export it.
 
-Runs as a single process, under ``torchrun --nproc_per_node N`` and under ``srun`` (ranks come from
-``components.dist``). Steps: pre-flight (the preprocessed shard set exists, holds encoder features
+Runs as a single process, under ``torchrun --nproc_per_node N``, under ``srun`` (ranks come from
+``components.dist``), and as Ray-actor ranks (``ray job submit -- python -m coupling_dist.stage_a``
+or ``stage_a.ray_workers``; see ``components.ray_launch``). Steps: pre-flight (the preprocessed shard set exists, holds encoder features
 of the width this config's encoder produces, and was tokenized with ``data.tokenizer``; any
 mismatch exits with status 2 before training), ShardLoaders for the train and held-out splits,
 the Stage A task, the shared Trainer (resumes from ``run.dir/stage_a/checkpoints/latest`` by
@@ -86,7 +87,8 @@ def build_loaders(cfg: Config):
     return train, heldout
 
 
-def main(cfg: Config) -> dict:
+def train(cfg: Config) -> dict:
+    """One rank of Stage A training (any launcher)."""
     info = D.init_distributed()
     stage_dir = cfg.stage_dir("stage_a")
     setup_logging(stage_dir, info["rank"])
@@ -106,6 +108,12 @@ def main(cfg: Config) -> dict:
     summary = {k: result.final_metrics[k] for k in ("loss", "ce", "flow_nll", "bpd") if k in result.final_metrics}
     summary.update(steps=result.step, checkpoint=result.last_checkpoint, export=out)
     return summary
+
+
+def main(cfg: Config) -> dict:
+    from .components.ray_launch import run_stage
+
+    return run_stage(cfg, train, "stage_a", cfg.stage_a.ray_workers)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,24 @@ def test_gen_ppl_ray_pool_1_and_2_actors(gpt2, ray_head):
     assert one["gen_ppl"] == pytest.approx(direct, rel=1e-5)
 
 
+def test_killed_scorer_actor_is_replaced_and_result_unchanged(gpt2, ray_head, tmp_path, monkeypatch):
+    """A scorer actor process dies in the middle of a batch: Ray restarts it, the batch is retried,
+    and the metrics are identical to an undisturbed run."""
+    from coupling_dist.evaluation.pool import FAULT_ENV, ScorerPool
+
+    model, tok, ref = gpt2
+    texts = _lee(12, 60)
+    with ScorerPool(ref, num_actors=2, address=ray_head["address"]) as pool:
+        clean = pool.score(texts, None, tok, "mdlm", batch_size=2)
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(FAULT_ENV, f"2:{marker}")
+    with ScorerPool(ref, num_actors=2, address=ray_head["address"]) as pool:
+        hurt = pool.score(texts, None, tok, "mdlm", batch_size=2)
+    assert marker.exists()  # the crash really happened
+    assert hurt["nll_sum"] == clean["nll_sum"] and hurt["scored_tokens"] == clean["scored_tokens"]
+    assert hurt["entropy"] == clean["entropy"]
+
+
 def test_mdlm_first_eos_rule_and_chunks(gpt2):
     model, tok, _ = gpt2
     eos = tok.eos_token_id

@@ -107,4 +107,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from coupling_dist.cli import exit_on_peer_failure
+
+    raise SystemExit(exit_on_peer_failure(main))

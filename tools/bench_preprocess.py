@@ -65,8 +65,9 @@ def main() -> int:
     t1 = time.perf_counter()
     rows = [("plain loop (1 process)", n / (t1 - t0), n / (t1 - t_ready))]
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": P.worker_env()}, log_to_driver=False)
+    from coupling_dist.components.ray_launch import init_ray
+
+    init_ray(None, 2)
     try:
         for workers in (1, 2):
             cfg = cfg_for(f"ray{workers}", workers)

@@ -24,6 +24,21 @@ import torch
 import torch.distributed as dist
 
 
+class PeerFailure(RuntimeError):
+    """A collective failed because another rank died or became unreachable."""
+
+
+# How gloo / NCCL / the c10d store word a lost peer (they raise plain RuntimeErrors / DistErrors).
+_PEER_SIGNS = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out", "timeout",
+               "socket", "nccl", "gloo", "connection refused", "store")
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    if isinstance(e, PeerFailure) or isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(e, RuntimeError) and any(s in str(e).lower() for s in _PEER_SIGNS)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

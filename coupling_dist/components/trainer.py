@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import dist as D
-from .checkpoint import CheckpointManager, rng_state, seed_everything, set_rng_state
+from .checkpoint import CheckpointManager, find_resume, rng_state, seed_everything, set_rng_state
 from .ema import EMA
 from .logging import MetricsLogger, get_logger, progress
 from .metrics import Throughput, measure_gemm_flops
@@ -246,6 +246,17 @@ class Trainer:
                                 self.step, stop, result.last_checkpoint, exit_code_for(stop))
                     result.preempted = stop
                     break
+        except Exception as e:
+            if D.world_size() > 1 and D.is_peer_failure(e):
+                # A dead peer must end every rank with a message, not a hang (the collective timeout
+                # bounds the wait; gloo usually notices a closed socket at once).
+                latest = find_resume(self.ckpt.root)
+                msg = (f"rank {D.rank()}: lost contact with the other ranks at step {self.step} "
+                       f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}); a rank died or the network "
+                       f"failed. Last complete checkpoint: {latest or 'none'}; relaunch the same command to resume.")
+                LOG.error(msg)
+                raise D.PeerFailure(msg) from e
+            raise
         finally:
             bar.close()
             self._restore_signals()

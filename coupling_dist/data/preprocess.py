@@ -42,8 +42,7 @@ from . import shards as S
 log = get_logger("preprocess")
 PARTS = ".parts"
 SPLIT_SEED = 20240601  # fixed: the data split must not change with the training seed
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FAULT_ENV = "COUPLING_DIST_PREPROCESS_FAULT"
+FAULT_ENV = "COUPLING_DIST_FAULT_PREPROCESS"  # forwarded to actors (ray_launch.FAULT_PREFIX)
 
 
 class PreprocessError(RuntimeError):
@@ -250,7 +249,7 @@ class ShardWorker:
 
 
 def _fault_hook(out_dir: str, name: str) -> None:
-    """Test-only: ``COUPLING_DIST_PREPROCESS_FAULT=<shard name>`` kills the worker process the
+    """Test-only: ``COUPLING_DIST_FAULT_PREPROCESS=<shard name>`` kills the worker process the
     first time it starts that shard (a real crash; the marker file makes the retry succeed)."""
     if os.environ.get(FAULT_ENV) != name:
         return
@@ -285,35 +284,12 @@ def iter_tasks(files: list[str], cfg: Config, held: np.ndarray, plan: list[dict]
             buf[split] = ([], [])
 
 
-def worker_env() -> dict:
-    env = {"PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "OMP_NUM_THREADS": "1"}
-    for k in ("COUPLING_DIST_CACHE", FAULT_ENV):
-        if os.environ.get(k):
-            env[k] = os.environ[k]
-    return env
-
-
 def init_ray(cfg: Config) -> bool:
     """Connect to ``ray.address`` (or the job's cluster under ``ray job submit``) or start a private
     local instance bound to loopback. Returns True when this call started Ray."""
-    import ray
+    from ..components.ray_launch import init_ray as _init
 
-    if ray.is_initialized():
-        return False
-    renv = {"env_vars": worker_env()}
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=renv, log_to_driver=False)
-    else:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ncpu = max(1, math.ceil(cfg.ray.num_workers * cfg.ray.num_cpus_per_worker))
-        # "local": never attach to someone else's cluster found in /tmp/ray.
-        ray.init(address="local", num_cpus=ncpu, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 runtime_env=renv, log_to_driver=False)
-        log.info("started a local Ray instance on 127.0.0.1 (%d CPUs)", ncpu)
-    return True
+    return _init(cfg.ray.address, cfg.ray.num_workers * cfg.ray.num_cpus_per_worker)
 
 
 def run_tasks(cfg: Config, tasks: Iterator[dict], n_tasks: int, out_dir: str, enc: dict) -> list[dict]:

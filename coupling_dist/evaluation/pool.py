@@ -20,32 +20,21 @@ from ..components.logging import get_logger
 from .scorer import ScoringPlan, aggregate
 
 log = get_logger("evaluate.pool")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _worker_env() -> dict:
-    env = {"PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-    if os.environ.get("COUPLING_DIST_CACHE"):
-        env["COUPLING_DIST_CACHE"] = os.environ["COUPLING_DIST_CACHE"]
-    return env
+FAULT_ENV = "COUPLING_DIST_FAULT_EVALUATE"  # forwarded to actors (ray_launch.FAULT_PREFIX)
 
 
-def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> bool:
-    """Connect to ``address`` or start a loopback instance; returns True if this call started Ray
-    (and so should shut it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    renv = {"env_vars": _worker_env()}
-    if address:
-        ray.init(address=address, runtime_env=renv, log_to_driver=False)
-    else:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=renv,
-                 log_to_driver=False)
-    return True
+def _fault_hook(batch_id: int) -> None:
+    """Test-only: ``COUPLING_DIST_FAULT_EVALUATE=<batch id>:<marker path>`` kills the actor process
+    the first time it scores that batch (a real crash; the marker file makes the retry succeed)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or int(spec.split(":", 1)[0]) != batch_id:
+        return
+    marker = spec.split(":", 1)[1]
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
 
 
 class _ScorerActor:
@@ -71,6 +60,7 @@ class _ScorerActor:
         from .scorer import score_chunk_batch
 
         self.calls += 1
+        _fault_hook(batch_id)
         return batch_id, score_chunk_batch(self.model, chunks, eos_id, protocol, self.device)
 
 
@@ -78,14 +68,18 @@ class ScorerPool:
     """``with ScorerPool(ref, num_actors) as pool: metrics = pool.score(texts, ids, tok, protocol)``."""
 
     def __init__(self, scorer_ref: str, num_actors: int = 2, address: Optional[str] = None,
-                 cpus_per_actor: float = 1.0):
+                 cpus_per_actor: float = 1.0, max_retries: int = 3):
         import ray
 
-        self._started = init_ray(address, num_cpus=None if address else max(1, int(num_actors * cpus_per_actor)))
+        from ..components.ray_launch import init_ray
+
+        self._started = init_ray(address, num_actors * cpus_per_actor)
         gpus = int(ray.cluster_resources().get("GPU", 0))
         self.use_gpu = gpus > 0
         n = gpus if self.use_gpu else int(num_actors)
-        remote = ray.remote(_ScorerActor)
+        # A dead actor (crash, lost node) is restarted -- its constructor reloads the scorer -- and
+        # its in-flight batch retried; batches are fixed before scheduling, so the result is unchanged.
+        remote = ray.remote(max_restarts=max_retries, max_task_retries=max_retries)(_ScorerActor)
         opts = {"num_gpus": 1, "num_cpus": cpus_per_actor} if self.use_gpu else {"num_cpus": cpus_per_actor}
         threads = max(1, int(cpus_per_actor))
         self.actors = [remote.options(**opts).remote(scorer_ref, self.use_gpu, threads) for _ in range(n)]
