@@ -120,7 +120,8 @@ def test_latent_scale_and_per_position_temperature():
 
 
 def _transcribe_sample(logits_row, u, tau, top_p, banned):
-    """One categorical draw, written out: fp32 softmax, sort, nucleus, inverse CDF in fp64."""
+    """One categorical draw, written out: fp32 softmax, sort, nucleus, inverse CDF in fp64 over the
+    kept tokens in vocabulary order."""
     lg = logits_row.float().clone()
     lg[banned] = float("-inf")
     lg = lg / tau
@@ -132,7 +133,7 @@ def _transcribe_sample(logits_row, u, tau, top_p, banned):
             n += 1
             acc += q[v]
     thr = q[order[n - 1]]
-    kept = [v for v in order if q[v] >= thr]
+    kept = [v for v in range(len(q)) if q[v] >= thr]
     total = 0.0
     for v in kept:
         total += q[v]

@@ -11,10 +11,13 @@ Definition (one definition everywhere, so the fast path and the reference agree 
 Fast path: a full sort of every 152k row is what dominates a naive sampler. ``torch.topk`` with
 ``k + 1`` values finds the nucleus of a row exactly whenever the top-k mass reaches ``p`` *and*
 the (k+1)-th value is strictly below the threshold (no tie crossing the cut). Rows failing that
-test (flat distributions: high temperature, untrained models) fall back to the full sort; the
-result is identical either way (``tests/test_sampling.py`` checks equality with the reference).
+test (flat distributions: high temperature, untrained models) fall back to a radix select of the
+threshold (three histogram passes, no sort; ``_threshold_radix``); the kept set is identical either
+way (``tests/test_sampling.py`` checks equality with the full-sort reference).
 
-Sampling uses the inverse CDF with one uniform per row, so a sampler needs only ``[rows]``
+Sampling uses the inverse CDF over the kept set *in vocabulary order* (on both paths, so a row's
+token for a given uniform does not depend on which path found its nucleus) with one uniform per
+row, so a sampler needs only ``[rows]``
 random numbers (not ``[rows, V]`` Gumbel noise) and callers can draw them from per-sample
 generators (reproducible whatever the batch size).
 """
@@ -25,7 +28,7 @@ from typing import Optional
 import torch
 
 DEFAULT_K = 1024
-DEFAULT_CHUNK_ROWS = 2048
+DEFAULT_CHUNK_ROWS = 256  # rows per pass: [256, 152k] fp64 is 311 MB
 
 
 def _probs(logits: torch.Tensor) -> torch.Tensor:
@@ -60,15 +63,60 @@ def _nucleus_rows(logits: torch.Tensor, top_p: float, k: int):
             good = (mass_k >= top_p) & (vals[:, -1] < thr)
             ok[cand[good]] = True
             if good.any():
-                v = vals[good, :-1]
-                yield cand[good], v, ids[good, :-1], v >= thr[good].unsqueeze(1)
+                # back to vocabulary order (the draw's order on every path; k values, cheap)
+                gid, perm = torch.sort(ids[good, :-1], dim=-1)
+                v = vals[good, :-1].gather(1, perm)
+                yield cand[good], v, gid, v >= thr[good].unsqueeze(1)
         slow = (~ok).nonzero().squeeze(1)
     else:
         slow = torch.arange(R, device=probs.device)
     if slow.numel():
-        v, i = torch.sort(probs[slow], dim=-1, descending=True)
-        _, thr = _nucleus_sorted(v, top_p)
-        yield slow, v, i, v >= thr.unsqueeze(1)
+        # No sort: the threshold by radix select; rows stay in vocabulary order (any fixed order
+        # gives the same law for the inverse-CDF draw).
+        v = probs[slow]
+        thr = _threshold_radix(v, top_p)
+        ids = torch.arange(V, device=v.device).expand(v.shape[0], V)
+        yield slow, v, ids, v >= thr.unsqueeze(1)
+
+
+# Bits 30..0 of a non-negative fp32 value, in two digits: non-negative floats order like their
+# int32 bit patterns, so selecting digit by digit from the top is selecting by value.
+_DIGITS = ((16, 15), (0, 16))
+
+
+def _threshold_radix(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The nucleus threshold of each row without sorting it.
+
+    With ``M(x)`` = mass of the values ``> x``, the module's threshold ``t = s_{n-1}`` is the
+    smallest value of the row with ``M(t) < p`` (for ``j < n``, ``M(s_j) = c_j < p``; every smaller
+    value has ``M >= c_n >= p``). ``M`` only decreases as ``x`` grows, so ``t`` is found digit by
+    digit: per digit, a histogram (fp64 mass) of the values still in range, then the lowest
+    non-empty bucket whose higher buckets plus the mass above the range stay below ``p``. Two
+    O(V) histogram passes per row instead of an O(V log V) sort. Zero probabilities (underflow)
+    count as empty: a threshold of 0 means keeping the whole row."""
+    R, V = probs.shape
+    dev = probs.device
+    bits = probs.contiguous().view(torch.int32)
+    q64 = probs.double()
+    prefix = torch.zeros(R, 1, dtype=torch.int32, device=dev)
+    above = torch.zeros(R, dtype=torch.float64, device=dev)
+    rows = torch.arange(R, device=dev)
+    none_ok = torch.zeros(R, dtype=torch.bool, device=dev)
+    for shift, width in _DIGITS:
+        nb = 1 << width
+        digit = ((bits >> shift) & (nb - 1)).masked_fill_((bits >> (shift + width)) != prefix, nb)  # nb: out of range
+        digit = digit.long()  # scatter wants int64 indices; the int32 arithmetic above is cheaper
+        mass = torch.zeros(R, nb + 1, dtype=torch.float64, device=dev).scatter_add_(1, digit, q64)[:, :nb]
+        higher = mass.flip(1).cumsum(1).flip(1) - mass  # mass above bucket j inside the range
+        ok = (above.unsqueeze(1) + higher < top_p) & (mass > 0)
+        # the lowest ok bucket (ok buckets are an upper range of the non-empty ones)
+        j = torch.where(ok, torch.arange(nb, device=dev), nb).min(dim=1).values
+        none_ok |= j == nb
+        j = j.clamp(max=nb - 1)
+        above = above + higher[rows, j]
+        prefix = (prefix << width) | j.to(torch.int32).unsqueeze(1)
+    thr = prefix.squeeze(1).view(torch.float32)
+    return thr.masked_fill(none_ok, 0.0)
 
 
 def top_p_mask(logits: torch.Tensor, top_p: float, k: int = DEFAULT_K) -> torch.Tensor:
@@ -100,7 +148,8 @@ def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cum = torch.cumsum(weights.double(), dim=-1)
     target = (u.double() * cum[:, -1]).unsqueeze(1)
     j = torch.searchsorted(cum, target, right=True).squeeze(1)
-    last = (weights > 0).long().cumsum(-1).argmax(-1)  # last positive entry (guards u*total == total)
+    # the last positive entry = the first index where cum reaches the total (guards u*total == total)
+    last = torch.searchsorted(cum, cum[:, -1:].contiguous(), right=False).squeeze(1)
     return torch.minimum(j, last)
 
 
