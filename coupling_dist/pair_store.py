@@ -2,17 +2,16 @@
 
 Runs as N ranks -- torchrun, srun, or ``pair_store.ray_workers`` Ray actors from a single
 process -- and every rank runs the same ``data.pair_writer.run_rank`` on its disjoint slice of the
-source shards (``cfg.data_dir``, all splits). Before any work, every rank checks that the Stage A
-artifact fits the shards (tokenizer, seq_len, feature width) and refuses otherwise. After all
-ranks finished, rank 0 (the driver under Ray) writes the manifest -- last -- and the
-latent-matching report ``run.dir/pair_store/report.json``.
+source shards (``cfg.data_dir``, all splits). Before any work, every rank (and the Ray driver)
+checks that the Stage A artifact fits the shards (tokenizer, seq_len, feature width) and refuses
+otherwise (exit status 2). After all ranks finished, rank 0 writes the manifest -- last -- and
+the latent-matching report ``run.dir/pair_store/report.json``.
 
 Output: ``run.dir/pair_store/`` is a normal shard set (fields ``z`` [K, T, d] in
 ``pair_store.dtype``, ``tokens``, ``mask``), read by Stage B through the same ShardLoader.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -108,35 +107,15 @@ def source_plan(man) -> list[dict]:
 # ---------------------------------------------------------------------- per-rank work
 
 
-def work(cfg: Config, rank: int, world: int, ctx: Optional[dict] = None) -> dict:
+def work(cfg: Config, rank: int, world: int, ctx: Optional[dict] = None, model=None) -> dict:
     """One rank's share; no collectives (shared by torchrun/srun ranks and Ray actors)."""
     ctx = ctx or prepare(cfg)
     device = pick_device(cfg)
-    model, _ = load_stage_a(ctx["artifact"], device)
+    model = model if model is not None else load_stage_a(ctx["artifact"], device)[0]
     ps = cfg.pair_store
     return pw.run_rank(model=model, source_dir=ctx["data_dir"], plan=ctx["plan"], out_dir=ctx["out_dir"], rank=rank,
                        world=world, seed=cfg.run.seed, K=ps.multiplicity, dtype=ps.dtype, batch_size=ps.batch_size,
                        artifact_hash=ctx["artifact_hash"], settings=ctx["settings"], device=device, log=LOG.info)
-
-
-def _ray_work(cfg: Config, rank: int, world: int) -> dict:
-    torch.set_num_threads(max(1, int(cfg.ray.num_cpus_per_worker)))
-    return work(cfg, rank, world)
-
-
-def run_ray(cfg: Config, ctx: dict) -> list[dict]:
-    import ray
-
-    if not ray.is_initialized():
-        if cfg.ray.address:
-            ray.init(address=cfg.ray.address, log_to_driver=False)
-        else:
-            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    world = cfg.pair_store.ray_workers
-    fn = ray.remote(num_cpus=cfg.ray.num_cpus_per_worker, num_gpus=cfg.ray.num_gpus_per_worker,
-                    max_retries=cfg.ray.max_retries)(_ray_work)
-    # Tasks are idempotent per unit (records + atomic shards), so Ray's retries are safe.
-    return ray.get([fn.remote(cfg, r, world) for r in range(world)])
 
 
 # ---------------------------------------------------------------------- manifest + report
@@ -187,6 +166,15 @@ def _read_store(out_dir: str, split: str, limit: int, dtype: str) -> tuple[list,
     return keys, np.stack(zs), np.stack(toks), np.stack(masks)
 
 
+def _predict(model, u: torch.Tensor, mask: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """argmax tokens [B, T] with the vocabulary head applied to ``rows`` positions at a time:
+    ``model.decode`` materialises [B, T, V] logits, 5 GB in fp32 for a batch of 64 at T 128 and
+    Qwen's V 151,936."""
+    h = model.decoder_hidden(u, mask)
+    flat = h.reshape(-1, h.shape[-1])
+    return torch.cat([model.head(c).argmax(-1) for c in flat.split(rows)]).view(h.shape[:2])
+
+
 @torch.no_grad()
 def build_report(cfg: Config, ctx: dict, model) -> dict:
     from .data.shards import read_shard
@@ -219,14 +207,14 @@ def build_report(cfg: Config, ctx: dict, model) -> dict:
         T = m.shape[1]
         eps = torch.stack([pw.sample_noise(cfg.run.seed, s["__key__"], 1, T, model.latent_dim)[0] for s in chunk]).to(dev)
         u = model.encode_latent(feats, m, eps)
-        correct += int((model.decode(u, m).argmax(-1) == tok)[m].sum())
+        correct += int((_predict(model, u, m) == tok)[m].sum())
         total += int(m.sum())
         zf, _ = model.flow(u, m)
         rt_uzu = max(rt_uzu, float((model.from_gaussian(zf, m) - u).abs().max()))
         if all(s["__key__"] in zmap for s in chunk):
             zs = torch.from_numpy(np.stack([zmap[s["__key__"]][0] for s in chunk])).to(dev)
             us = model.from_gaussian(zs, m)
-            correct_z += int((model.decode(us, m).argmax(-1) == tok)[m].sum())
+            correct_z += int((_predict(model, us, m) == tok)[m].sum())
             rt_zuz = max(rt_zuz, float((model.to_gaussian(us, m) - zs).abs().max()))
     report.update({"heldout_split": held_split, "heldout_samples": len(src),
                    "recon_acc_heldout_from_u": correct / max(total, 1),
@@ -242,34 +230,60 @@ def build_report(cfg: Config, ctx: dict, model) -> dict:
 # ---------------------------------------------------------------------- entry
 
 
-def main(cfg: Config) -> dict:
-    ray_mode = bool(cfg.pair_store.ray_workers) and D.launch_env()["launcher"] == "single"
-    info = {"rank": 0, "world": 1} if ray_mode else D.init_distributed()
+def _prepare_or_exit(cfg: Config) -> dict:
+    try:
+        return prepare(cfg)
+    except (DataMismatchError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
+def _gather(result: dict, world: int) -> list[dict]:
+    """Every rank's counts on every rank. Also the check that all ranks finished: a rank that died
+    or raised never joins, so this collective fails and nobody writes the manifest."""
+    if world == 1:
+        return [result]
+    out: list = [None] * world
+    try:
+        torch.distributed.all_gather_object(out, result)
+    except Exception as e:
+        if D.is_peer_failure(e):  # cli.exit_on_peer_failure: a message and exit 1, not a hang
+            raise D.PeerFailure(f"rank {result['rank']}: another rank died before finishing its units "
+                                f"({str(e).strip().splitlines()[0][:200]}); no manifest written; re-run the same "
+                                f"command to complete only the missing shards") from e
+        raise
+    return out
+
+
+def rank_main(cfg: Config) -> dict:
+    """One rank (plain process, torchrun/srun rank, or Ray actor rank); rank 0 finishes the store."""
+    info = D.init_distributed()
     rank, world = info["rank"], info["world"]
     setup_logging(cfg.stage_dir("pair_store"), rank)
-    try:
-        ctx = prepare(cfg)  # every rank refuses a mismatched artifact before any work
-    except (DataMismatchError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    if ray_mode:
-        results = run_ray(cfg, ctx)
-    else:
-        results = [work(cfg, rank, world, ctx)]
-        if not D.all_ok(True):  # a rank that raised never gets here: the collective fails instead
-            raise PairStoreError("a rank failed")
+    ctx = _prepare_or_exit(cfg)  # every rank refuses a mismatched artifact before any work
+    model, _ = load_stage_a(ctx["artifact"], pick_device(cfg))  # loaded once: the report reuses it
+    results = _gather(work(cfg, rank, world, ctx, model), world)
     summary: dict = {"ranks": results}
     if rank == 0:
         write_manifest(cfg, ctx)
-        model, _ = load_stage_a(ctx["artifact"], pick_device(cfg))
         report = build_report(cfg, ctx, model)
         LOG.info("pair store %s complete: %s", ctx["out_dir"], json.dumps(results))
         print("latent-matching report (" + os.path.join(ctx["out_dir"], "report.json") + "):\n" + format_table(report))
         summary["report"] = report
     D.barrier()
-    if not ray_mode:
-        D.shutdown()
+    D.shutdown()
     return summary
+
+
+def main(cfg: Config) -> dict:
+    # Ranks as Ray actors through the shared launcher (pair_store.ray_workers, or ray.num_workers
+    # under `ray job submit`): it connects to ray.address / RAY_ADDRESS or starts a private
+    # loopback instance. (This entry used to call a bare ray.init(), which attaches to whatever
+    # cluster /tmp/ray/ray_current_cluster names -- another user's, on a shared machine.)
+    from .components.ray_launch import run_stage
+
+    return run_stage(cfg, rank_main, "pair_store", cfg.pair_store.ray_workers,
+                     preflight=lambda world: _prepare_or_exit(cfg))
 
 
 if __name__ == "__main__":

@@ -60,9 +60,13 @@ def latent_stats(z: np.ndarray, mask: Optional[np.ndarray], alpha: float) -> dic
         "per_dim_std": {"min": float(std.min()), "max": float(std.max()), "mean": float(std.mean())},
         "ks_alpha": alpha,
     }
-    kl = gaussian_fit_kl(rows)
-    out["kl_gauss_fit"] = {"nats_per_position": kl, "nats_per_dim": kl / d,
-                           "fit": "mean + full covariance over per-position latent rows [d], real tokens only"}
+    fit = "mean + full covariance over per-position latent rows [d], real tokens only"
+    if rows.shape[0] > d:
+        kl = gaussian_fit_kl(rows)
+        out["kl_gauss_fit"] = {"nats_per_position": kl, "nats_per_dim": kl / d, "fit": fit}
+    else:  # a small store (or report_samples) at a wide latent: say so instead of failing the run
+        out["kl_gauss_fit"] = {"nats_per_position": None, "nats_per_dim": None, "fit": fit,
+                               "skipped": f"{rows.shape[0]} real positions <= latent_dim {d}"}
     # Per (position, channel): positions with too few real samples are skipped.
     cnt = m.sum(0)  # [T]
     ok = cnt >= 8
@@ -87,7 +91,8 @@ def format_table(report: dict) -> str:
         ("latents (positions)", f"{ls.get('num_latents', '?')} ({ls.get('num_positions', '?')})"),
         ("per-dim mean [min, max]", "[{min:+.3f}, {max:+.3f}]".format(**ls["per_dim_mean"]) if "per_dim_mean" in ls else "-"),
         ("per-dim std [min, max]", "[{min:.3f}, {max:.3f}]".format(**ls["per_dim_std"]) if "per_dim_std" in ls else "-"),
-        ("KL Gaussian fit (nats/dim)", f"{ls['kl_gauss_fit']['nats_per_dim']:.4f}" if "kl_gauss_fit" in ls else "-"),
+        ("KL Gaussian fit (nats/dim)", f"{ls['kl_gauss_fit']['nats_per_dim']:.4f}"
+         if (ls.get("kl_gauss_fit") or {}).get("nats_per_dim") is not None else "-"),
         ("KL diag pos x chan (nats/dim)", f"{ls['kl_diag_position_channel']['nats_per_dim']:.4f}"
          if "kl_diag_position_channel" in ls else "-"),
         (f"KS fail fraction (alpha {ls.get('ks_alpha', '?')})",

@@ -102,11 +102,15 @@ def unit_done(out_dir: str, entry: dict, fp: str) -> Optional[dict]:
     return rec
 
 
+# Named with ray_launch.FAULT_PREFIX so that the launcher forwards it to Ray-actor ranks.
+FAULT_ENV = "COUPLING_DIST_FAULT_PAIR_STORE"
+
+
 def _fault_hook(rank: int, done: int) -> None:
-    """Test-only crash injection: COUPLING_DIST_PAIR_STORE_FAULT="rank=R,after=N" makes rank R
+    """Test-only crash injection: COUPLING_DIST_FAULT_PAIR_STORE="rank=R,after=N" makes rank R
     SIGKILL itself once it has finished N units (in the middle of the run, between an encode
     and the next write), so tests can check recovery from a rank that dies."""
-    spec = os.environ.get("COUPLING_DIST_PAIR_STORE_FAULT")
+    spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
     kv = dict(part.split("=", 1) for part in spec.split(","))
