@@ -165,6 +165,13 @@ class StageBTask:
         self.model = model
         return model
 
+    def tp_partition_dims(self) -> dict:
+        """Which parameters the TP layers split, along which dim (any TP size, 1 included): the
+        Trainer saves it with each checkpoint so a run resumes at another ``stage_b.tp``."""
+        from .distributed.tensor_parallel import partition_dims
+
+        return partition_dims(self.model)
+
     def teacher(self, device: torch.device) -> Optional[nn.Module]:
         if self.info["teacher"] is None:
             return None

@@ -8,6 +8,7 @@ Layout under ``<stage_dir>/checkpoints/``::
         zero_pp_rank_{r}_mp_rank_00_model_states.pt   DeepSpeed, ZeRO-3 only: module shards
         trainer_state_rank{r}.pt / .json    ours: step, data position, RNG states, layout
         ema_rank{r}.pt                      ours: this rank's EMA shard (full tensors, by name)
+        tp_layout.json                      ours: TP size, split dim + full shape per parameter
         complete.json                       written last, by rank 0, after every rank finished
     step_00000150.tmp/                      being written (or abandoned by a crash): never resumed
     .universal/step_00000100/               DeepSpeed universal conversion (made on demand)
@@ -18,12 +19,15 @@ any rank failed); rank 0 fsyncs, writes ``complete.json``, renames the directory
 replaces ``latest`` atomically, and prunes to the newest ``keep_last``. A crash at any point
 leaves either the previous ``latest`` or a ``.tmp``/marker-less directory that resume skips.
 
-Resume at another data-parallel size (or ZeRO stage): rank 0 converts the sharded checkpoint with
-DeepSpeed's ``ds_to_universal`` (world-size-independent, per-parameter fp32 weights and Adam
-moments) once, and every rank loads it with ``checkpoint.load_universal``. RNG streams cannot map
-across world sizes: they are reseeded from (seed, step, rank); the data stream continues exactly
-because the loader position is a global step. Same world size: plain sharded load, bitwise exact.
-Our own files are read with ``torch.load(weights_only=True)``.
+Resume at another data-parallel size (or ZeRO stage), or at another tensor-parallel size (ZeRO
+1/2, ``tp_reshape``: the TP slices are merged and re-cut as described by the
+``universal_checkpoint_info`` saved in the DeepSpeed files; ``tp_layout.json`` checks the shapes
+and re-cuts our EMA shards): rank 0 converts the sharded checkpoint with DeepSpeed's
+``ds_to_universal`` (layout-independent, per-parameter fp32 weights and Adam moments) once, into
+``.universal/`` (the source checkpoint is only read), and every rank loads it with
+``checkpoint.load_universal``. RNG streams cannot map across world sizes: they are reseeded from
+(seed, step, rank); the data stream continues exactly because the loader position is a global
+step. Same world size: plain sharded load, bitwise exact. Our own files are read with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ import torch
 
 from . import dist as D
 from .logging import get_logger
+from .tp_reshape import TP_LAYOUT, check_shapes, read_layout, reshape_error, reshard_ema
 
 LOG = get_logger("checkpoint")
 MARKER, LATEST, UNIVERSAL = "complete.json", "latest", ".universal"
@@ -180,9 +185,11 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save (collective)
 
-    def save(self, engine, step: int, state: dict, ema_state: Optional[dict], layout: dict) -> str:
+    def save(self, engine, step: int, state: dict, ema_state: Optional[dict], layout: dict,
+             tp_meta: Optional[dict] = None) -> str:
         """Write checkpoint ``step`` from every rank; returns its final path. ``state`` is this
-        rank's trainer state (tensors, lists, numbers, strings only)."""
+        rank's trainer state (tensors, lists, numbers, strings only); ``tp_meta``
+        (``tp_reshape.layout_meta``) makes the checkpoint loadable at another TP size."""
         final, name = self.path(step), step_name(step)
         tmp = final + ".tmp"
         if D.is_main() and os.path.exists(tmp):
@@ -197,6 +204,8 @@ class CheckpointManager:
             write_text_atomic(os.path.join(tmp, f"trainer_state_rank{r}.json"), json.dumps(summary, indent=1))
             if ema_state is not None:
                 _write_atomic(os.path.join(tmp, f"ema_rank{r}.pt"), lambda p: torch.save(ema_state, p))
+            if tp_meta is not None and D.is_main():
+                write_text_atomic(os.path.join(tmp, TP_LAYOUT), json.dumps(tp_meta))
         except Exception:
             LOG.exception("rank %d failed writing checkpoint %s", D.rank(), tmp)
             ok = False
@@ -208,6 +217,7 @@ class CheckpointManager:
             write_text_atomic(os.path.join(tmp, MARKER), json.dumps(marker, indent=1))
             old = None
             if os.path.exists(final):  # same step written by an earlier run (resumed from further back)
+                shutil.rmtree(os.path.join(self.root, UNIVERSAL, name), ignore_errors=True)  # its stale conversion
                 old = final + ".old"
                 shutil.rmtree(old, ignore_errors=True)
                 os.rename(final, old)
@@ -235,19 +245,31 @@ class CheckpointManager:
     # ------------------------------------------------------------------ resume
 
     def plan_resume(self, resume: str, layout: dict) -> Optional[dict]:
-        """Decided on rank 0 and broadcast, so every rank loads the same checkpoint. ``universal``
-        is set when the saved layout (DP size, ZeRO stage, MP size) differs from ``layout``."""
+        """Decided on rank 0 and broadcast, so every rank loads the same checkpoint (and every rank
+        raises the same error). ``universal`` is set when the saved layout (DP size, ZeRO stage,
+        MP size) differs from ``layout``; ``mp_changed`` when the TP size differs."""
         plan = None
         if D.is_main():
-            path = find_resume(self.root, resume)
-            if path is not None:
-                marker = read_marker(path)
-                if marker.get("mp_world", 1) != layout["mp_world"]:
-                    raise ValueError(f"{path}: saved with model-parallel size {marker.get('mp_world')} but this "
-                                     f"run uses {layout['mp_world']}; convert the TP shards first")
-                same = all(marker.get(k) == layout[k] for k in ("dp_world", "zero_stage", "world"))
-                plan = {"path": path, "step": int(marker["step"]), "marker": marker, "universal": not same}
-        return D.broadcast_object(plan)
+            try:
+                path = find_resume(self.root, resume)
+                if path is not None:
+                    marker = read_marker(path)
+                    mp_changed = marker.get("mp_world", 1) != layout["mp_world"]
+                    why = reshape_error(path, marker, layout) if mp_changed else None
+                    if why:
+                        raise ValueError(why)
+                    same = not mp_changed and all(marker.get(k) == layout[k]
+                                                  for k in ("dp_world", "zero_stage", "world"))
+                    plan = {"path": path, "step": int(marker["step"]), "marker": marker, "universal": not same,
+                            "mp_changed": mp_changed}
+            except (OSError, ValueError) as e:
+                plan = {"error": f"{type(e).__name__}: {e}"}
+        plan = D.broadcast_object(plan)
+        if plan is not None and "error" in plan:
+            kind, _, msg = plan["error"].partition(": ")
+            raise FileNotFoundError(msg) if kind == "FileNotFoundError" else ValueError(msg if kind == "ValueError"
+                                                                                        else plan["error"])
+        return plan
 
     def universal_dir(self, plan: dict) -> str:
         return os.path.join(self.root, UNIVERSAL, os.path.basename(plan["path"]))
@@ -255,26 +277,48 @@ class CheckpointManager:
     def convert_universal(self, plan: dict) -> str:
         """DeepSpeed universal checkpoint of ``plan['path']`` (rank 0 converts once; cached)."""
         out = self.universal_dir(plan)
-        if D.is_main() and read_marker(out) is None:
+        cached = read_marker(out) if D.is_main() else None
+        # the conversion belongs to one write of step N (a resumed run may rewrite step N)
+        ok = True
+        if D.is_main() and (cached is None or cached.get("source_time") != plan["marker"].get("time")):
             from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
             tmp = out + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-            LOG.info("converting %s (DP %s, ZeRO %s) to a universal checkpoint for this layout", plan["path"],
-                     plan["marker"].get("dp_world"), plan["marker"].get("zero_stage"))
-            ds_to_universal(argparse.Namespace(input_folder=plan["path"], output_folder=tmp, num_extract_workers=1,
-                                               num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                               inject_missing_state=True))
-            write_text_atomic(os.path.join(tmp, MARKER), json.dumps({"step": plan["step"], "universal": True}))
-            shutil.rmtree(out, ignore_errors=True)
-            os.rename(tmp, out)
-        D.barrier()
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                LOG.info("converting %s (TP %s, DP %s, ZeRO %s) to a universal checkpoint for this layout",
+                         plan["path"], plan["marker"].get("mp_world"), plan["marker"].get("dp_world"),
+                         plan["marker"].get("zero_stage"))
+                ds_to_universal(argparse.Namespace(input_folder=plan["path"], output_folder=tmp, num_extract_workers=1,
+                                                   num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                                   inject_missing_state=True))
+                write_text_atomic(os.path.join(tmp, MARKER), json.dumps(
+                    {"step": plan["step"], "universal": True, "source_time": plan["marker"].get("time")}))
+                shutil.rmtree(out, ignore_errors=True)
+                os.rename(tmp, out)
+            except Exception:
+                LOG.exception("universal conversion of %s failed", plan["path"])
+                ok = False
+        if not D.all_ok(ok):  # the other ranks wait here: fail them too instead of hanging
+            raise RuntimeError(f"DeepSpeed universal conversion of {plan['path']} failed (see rank 0's log); "
+                               f"the checkpoint itself is unchanged")
         return out
 
-    def load(self, engine, plan: dict, mp_rank: int = 0) -> tuple[Optional[dict], dict, list[dict]]:
+    def load(self, engine, plan: dict, mp_rank: int = 0, mp_world: int = 1, tp_meta: Optional[dict] = None,
+             ema_names: Optional[set] = None) -> tuple[Optional[dict], dict, list[dict]]:
         """Load DeepSpeed state into ``engine``; return (this rank's trainer state or None when the
-        layout changed, rank 0's trainer state, EMA shards of this model-parallel rank)."""
+        layout changed, rank 0's trainer state, EMA shards for this model-parallel rank). After a TP
+        size change the EMA shards are re-cut for (``mp_rank``, ``mp_world``) (only ``ema_names``)."""
+        ckpt = plan["path"]
+        saved_tp = None
+        if plan.get("mp_changed"):
+            saved_tp = read_layout(ckpt)
+            if tp_meta is None:
+                raise ValueError(f"{ckpt}: saved at TP {plan['marker'].get('mp_world')}, but this run's task gives "
+                                 f"no tp_partition_dims, so its TP {mp_world} slices cannot be cut; resume at the "
+                                 f"saved TP")
+            check_shapes(ckpt, saved_tp, tp_meta)
         if plan["universal"]:
             src = self.convert_universal(plan)
             load_dir, tag = os.path.dirname(src), os.path.basename(src)
@@ -284,13 +328,16 @@ class CheckpointManager:
                                          load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(load_dir, tag)}")
-        ckpt = plan["path"]
         own = None
         if not plan["universal"]:
             own = load_own(os.path.join(ckpt, f"trainer_state_rank{D.rank()}.pt"))
         first = load_own(os.path.join(ckpt, "trainer_state_rank0.pt"))
+        files = sorted(glob.glob(os.path.join(ckpt, "ema_rank*.pt")))
+        if saved_tp is not None:
+            ema = reshard_ema(files, saved_tp, mp_rank, mp_world, ema_names, load_own) if files else []
+            return own, first, ema
         ema = []
-        for f in sorted(glob.glob(os.path.join(ckpt, "ema_rank*.pt"))):
+        for f in files:
             shard = load_own(f)
             if shard.get("mp_rank", 0) == mp_rank:
                 ema.append(shard)

@@ -14,7 +14,9 @@ The task protocol (duck-typed; Stage B implements the same methods)::
     eval_metrics(model, batch) -> {name: float|0-d tensor}          # no_grad, eval mode
     flops_per_sample() -> {part: training FLOPs per sample}         # e.g. {"student":.., "teacher":..}
     optional: mpu (DeepSpeed/megatron mpu object, for TP groups), tokens_in_batch(batch) -> int,
-              ds_config_overrides (dict merged into the DeepSpeed config), export(trainer, out_dir)
+              ds_config_overrides (dict merged into the DeepSpeed config), export(trainer, out_dir),
+              tp_partition_dims() -> {param name: split dim} of the TP-split parameters (makes the
+              checkpoints resumable at another TP size: ``components/tp_reshape.py``)
 
 ``loss``/``eval_metrics`` run inside the DeepSpeed engine's forward (through a thin wrapper
 module), so ZeRO-3's parameter gathering hooks fire exactly as for a normal forward; they receive
@@ -45,6 +47,7 @@ from .ema import EMA
 from .logging import MetricsLogger, get_logger, progress
 from .metrics import Throughput, measure_gemm_flops
 from .optim import build_optimizer, scheduler_factory
+from .tp_reshape import layout_meta, universal_info
 
 LOG = get_logger("trainer")
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -133,6 +136,7 @@ class Trainer:
         seed_everything(self.seed)  # identical initial weights on every rank
         self.model = task.build_model()
         self.engine = self._build_engine(universal=bool(plan and plan["universal"]))
+        self.tp_meta = self._tp_meta()
         self.ema = None
         if cfg.ema_decay:
             group = self.mpu.get_data_parallel_group() if self.mpu else None
@@ -183,6 +187,18 @@ class Trainer:
         if self.precision == "bf16":
             conf["bf16"] = {"enabled": True}
         return _merge(conf, getattr(self.task, "ds_config_overrides", None) or {})
+
+    def _tp_meta(self) -> Optional[dict]:
+        """The task's TP split layout; also hands DeepSpeed the matching universal_checkpoint_info,
+        which it then saves with every checkpoint (what lets ds_to_universal merge TP slices)."""
+        dims_fn = getattr(self.task, "tp_partition_dims", None)
+        if dims_fn is None:
+            return None
+        meta = layout_meta(self.model, dims_fn(), self.mp_world)
+        ds_name = {id(p): n for n, p in self.engine.module.named_parameters()}
+        names = {n: ds_name[id(p)] for n, p in self.model.named_parameters() if n in meta["params"]}
+        self.engine.module.universal_checkpoint_info = universal_info(meta, names)
+        return meta
 
     def _build_engine(self, universal: bool):
         import deepspeed
@@ -355,13 +371,14 @@ class Trainer:
         ema = None
         if self.ema is not None:
             ema = dict(self.ema.state_dict(), mp_rank=self.mp_rank)
-        path = self.ckpt.save(self.engine, self.step, state, ema, self.layout)
+        path = self.ckpt.save(self.engine, self.step, state, ema, self.layout, self.tp_meta)
         self._saved_step = self.step
         LOG.info("checkpoint %s", path)
         return path
 
     def _resume(self, plan: dict) -> None:
-        own, first, ema_shards = self.ckpt.load(self.engine, plan, self.mp_rank)
+        own, first, ema_shards = self.ckpt.load(self.engine, plan, self.mp_rank, self.mp_world, self.tp_meta,
+                                                self.ema.owned if self.ema is not None else None)
         self.step = self._saved_step = int(first["step"])
         src = own or first
         loader_state = json.loads(src["loader"])
@@ -376,7 +393,8 @@ class Trainer:
             # another world size: per-rank RNG streams cannot be mapped; reseed deterministically
             seed_everything(self.seed + 1_000_003 * self.step + 7919 * (D.rank() + 1))
         LOG.info("resumed from %s at step %d%s", plan["path"], self.step,
-                 " (universal conversion: layout changed)" if plan["universal"] else "")
+                 (f" (universal conversion: layout changed, TP {plan['marker'].get('mp_world', 1)} -> {self.mp_world})"
+                  if plan["universal"] else ""))
 
     # ------------------------------------------------------------------ weights for export
 

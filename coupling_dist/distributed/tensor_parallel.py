@@ -16,6 +16,8 @@ same seed starts at TP = N exactly where it would at TP = 1 (tests compare logit
 gradients to 1e-5). Everything else (``in_proj``, ``pos_emb``, norms) stays replicated; their
 gradients are identical on every TP rank because the parallel layers all-reduce the input gradients.
 
+``partition_dims(model)`` names the split tensors and their dims for a plain or a TP model alike
+(saved with checkpoints so a run resumes at another TP size: ``components/tp_reshape.py``).
 ``gather_full_state_dict(model[, state_dict])`` reassembles TP = 1 tensors (collective in the TP
 group) for export, for EMA weights, and for restarting at another TP size via
 ``shard_state_dict(full, model)``. megatron-core is imported lazily: only the training path uses
@@ -32,6 +34,9 @@ from torch import nn
 COLUMN = ("q", "k", "v", "gate", "up", "fc_in")
 ROW = ("o", "down", "fc_out")
 HEAD, EMBED = "head", "tok_emb"
+# which tensors of each kind of layer are split across the TP group, along which dim
+DIMS = {"column": {"weight": 0, "bias": 0}, "head": {"weight": 0, "bias": 0}, "row": {"weight": 1},
+        "embed": {"weight": 0}}
 _CLASSES: dict = {}
 
 
@@ -40,11 +45,19 @@ def _classes():
     if not _CLASSES:
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
+        # megatron's get_extra_state() returns None only "for TE compatibility", which puts a None
+        # '<layer>._extra_state' entry into every saved state dict; DeepSpeed's universal converter
+        # (resume at another TP size) fails on it. Not saving it is safe: megatron's load pre-hook
+        # supplies the key, so checkpoints with or without it load strictly.
         class TPColumnLinear(ColumnParallelLinear):
+            get_extra_state = nn.Module.get_extra_state
+
             def forward(self, x):  # bias (if any) is added inside: skip_bias_add=False
                 return super().forward(x)[0]
 
         class TPRowLinear(RowParallelLinear):
+            get_extra_state = nn.Module.get_extra_state
+
             def forward(self, x):
                 return super().forward(x)[0]
 
@@ -108,7 +121,6 @@ def apply_tensor_parallel(model: nn.Module, tp_group) -> nn.Module:
                 new.weight.copy_(_split(old.weight, 0, rank, size))
                 if old.bias is not None:
                     new.bias.copy_(_split(old.bias, 0, rank, size))
-                dims = {"weight": 0, "bias": 0}
             elif kind == "row":
                 new = cls["row"](old.in_features, old.out_features, config=config, init_method=_no_init,
                                  bias=old.bias is not None, input_is_parallel=True, skip_bias_add=False,
@@ -116,12 +128,11 @@ def apply_tensor_parallel(model: nn.Module, tp_group) -> nn.Module:
                 new.weight.copy_(_split(old.weight, 1, rank, size))
                 if old.bias is not None:
                     new.bias.copy_(old.bias)
-                dims = {"weight": 1}
             else:
                 new = cls["embed"](old.num_embeddings, old.embedding_dim, init_method=_no_init, config=config,
                                    tp_group=tp_group)
                 new.weight.copy_(_split(old.weight, 0, rank, size))
-                dims = {"weight": 0}
+        dims = dict(DIMS[kind])
         new.to(old.weight.device)
         new.train(old.training)
         # perform_initialization=False skips megatron's tagging of sharded tensors; DeepSpeed's
@@ -157,6 +168,20 @@ def tp_layout(model: nn.Module) -> dict[str, int]:
     out = {}
     for mname, m in model.named_modules():
         for pname, dim in (getattr(m, "_cd_partition_dims", None) or {}).items():
+            if getattr(m, pname, None) is not None:
+                out[f"{mname}.{pname}" if mname else pname] = dim
+    return out
+
+
+def partition_dims(model: nn.Module) -> dict[str, int]:
+    """{parameter name: split dim} of the tensors that are (or, for a plain model, would be) split
+    across a TP group: the same for every TP size, which is what lets a checkpoint be resharded."""
+    if getattr(model, "_tp_size", 1) != 1:
+        return tp_layout(model)
+    out = {}
+    for mname, m in model.named_modules():
+        kind = _kind(mname, m)
+        for pname, dim in (DIMS[kind] if kind else {}).items():
             if getattr(m, pname, None) is not None:
                 out[f"{mname}.{pname}" if mname else pname] = dim
     return out
