@@ -79,15 +79,6 @@ def read_completion(cfg: Config, stage: str) -> Optional[dict]:
         return json.load(fh)
 
 
-def _write_json_atomic(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def exit_on_peer_failure(fn: Callable, *args):
     """``fn(*args)``; if a peer rank died (``dist.PeerFailure``), print the message and leave at
     once with status 1: interpreter shutdown would tear down a process group whose peer is gone,
@@ -120,6 +111,8 @@ def run_entry(stage: str, fn: Callable[[Config], Optional[dict]], argv: Optional
         print(f"error: {e}", file=sys.stderr)
         return 2
     if _is_rank0():
-        _write_json_atomic(marker, {"stage": stage, "summary": summary or {}, "wall_s": round(time.time() - t0, 2),
+        from .data.shards import write_json_atomic
+
+        write_json_atomic(marker, {"stage": stage, "summary": summary or {}, "wall_s": round(time.time() - t0, 2),
                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": cfg.to_dict()})
     return 0

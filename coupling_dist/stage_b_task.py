@@ -112,7 +112,9 @@ def preflight(cfg: Config) -> dict:
                    "identity": assets.identity(path)}
         vocab = t_vocab  # student head split exactly like the teacher's
     else:
-        vocab = _round_up(tok_vocab + (1 if masked else 0), 128 * tp)
+        # A multiple of 1024 for TP <= 8: the head's shape then does not depend on TP, so a
+        # checkpoint can be resumed at another TP size (components.tp_reshape).
+        vocab = _round_up(tok_vocab + (1 if masked else 0), math.lcm(1024, 128 * tp))
     mask_id = vocab - 1 if masked else None
     return {"store": store, "manifest": man, "K": K, "seq_len": T, "latent_dim": d, "vocab_size": vocab,
             "tokenizer": tok, "tok_vocab": tok_vocab, "teacher": teacher, "mask_token_id": mask_id,

@@ -82,6 +82,17 @@ def ray_head(tmp_path_factory):
         stop_ray_processes(str(tmp))
 
 
+def ray_job_submit(head: dict, args: list[str], timeout: float = 1800) -> subprocess.CompletedProcess:
+    """``ray job submit --address <head> -- PY args...``; waits for the job and returns the CLI's result."""
+    cmd = [os.path.join(os.path.dirname(PY), "ray"), "job", "submit", "--address", head["dashboard"], "--", PY, *args]
+    for _ in range(30):  # the head's job agent comes up a few seconds after `ray start` returns
+        proc = subprocess.run(cmd, env=head["env"], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        if "No available agent" not in proc.stdout + proc.stderr:
+            return proc
+        time.sleep(3)
+    return proc
+
+
 def stop_ray_processes(marker: str) -> None:
     """Stop only the Ray processes of one head (their command lines name its temp dir); a plain
     ``ray stop`` would also kill other Ray instances running on this machine."""

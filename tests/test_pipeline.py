@@ -112,19 +112,9 @@ def _check_outputs(run_dir) -> dict:
 def test_ray_job_submit_runs_the_whole_pipeline(tmp_path, ray_head):
     """``ray job submit -- python -m coupling_dist.pipeline`` against a real loopback head: every
     stage runs on the cluster (rank-based stages as Ray-actor ranks) and the outputs are complete."""
-    import subprocess
-    import time
+    from conftest import ray_job_submit
 
-    from conftest import PY, ROOT
-
-    ray_bin = os.path.join(os.path.dirname(PY), "ray")
-    cmd = [ray_bin, "job", "submit", "--address", ray_head["dashboard"], "--", PY, "-m", "coupling_dist.pipeline",
-           "--config", DEMO, f"run.dir={tmp_path}", *QUICK]
-    for _ in range(30):  # the head's job agent comes up a few seconds after `ray start` returns
-        proc = subprocess.run(cmd, env=ray_head["env"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
-        if "No available agent" not in proc.stdout + proc.stderr:
-            break
-        time.sleep(3)
+    proc = ray_job_submit(ray_head, ["-m", "coupling_dist.pipeline", "--config", DEMO, f"run.dir={tmp_path}", *QUICK])
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout
     done = _check_outputs(tmp_path)

@@ -7,13 +7,11 @@ import glob
 import json
 import os
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from conftest import PY, ROOT, demo_cfg, run_module, torchrun
+from conftest import PY, ROOT, demo_cfg, ray_job_submit, run_module, torchrun
 from stage_b_fixtures import make_pair_store
 
 from coupling_dist.config import GeneratorConfig
@@ -167,15 +165,8 @@ def test_kill_and_resume_is_bitwise(tmp_path, store_dir):
 @pytest.mark.slow
 def test_ray_job_submit_trains_demo(tmp_path, store_dir, ray_head):
     run = _run_dir(tmp_path, store_dir)
-    ray_bin = os.path.join(os.path.dirname(PY), "ray")
-    cmd = [ray_bin, "job", "submit", "--address", ray_head["dashboard"], "--", PY, "-m", "coupling_dist.stage_b",
-           "--config", os.path.join(ROOT, "configs", "demo.yaml"), f"run.dir={run}", "stage_b.train.steps=4",
-           "stage_b.train.batch_size=4", *FAST]
-    for _ in range(30):  # the head's job agent comes up a few seconds after `ray start` returns
-        proc = subprocess.run(cmd, env=ray_head["env"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
-        if "No available agent" not in proc.stdout + proc.stderr:
-            break
-        time.sleep(3)
+    proc = ray_job_submit(ray_head, ["-m", "coupling_dist.stage_b", "--config", os.path.join(ROOT, "configs", "demo.yaml"),
+                                     f"run.dir={run}", "stage_b.train.steps=4", "stage_b.train.batch_size=4", *FAST])
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     done = json.load(open(os.path.join(run, "stage_b", "_COMPLETE.json")))
     assert done["summary"]["launcher"] == "ray" and done["summary"]["ray_workers"] == 2

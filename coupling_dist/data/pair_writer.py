@@ -59,21 +59,7 @@ def from_store_dtype(a: np.ndarray, dtype: str) -> torch.Tensor:
     return t.float()
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+sha256_file, _atomic_json = sh.sha256_file, sh.write_json_atomic
 
 
 def fingerprint(artifact_hash: str, source_entry: dict, settings: dict) -> str:

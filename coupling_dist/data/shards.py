@@ -149,6 +149,16 @@ def write_shard(path: str, samples: Iterable[dict], level: int = ZSTD_LEVEL) -> 
             "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def write_json_atomic(path: str, obj) -> None:
+    """Temp name in the same directory, fsync, rename: readers see the old file or the new one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -103,21 +103,12 @@ class AffineCoupling(nn.Module):
         return self._join(keep, (change - shift) * torch.exp(-logs))
 
 
-class RealNVP(nn.Module):
-    """Stack of ``layers`` affine couplings with alternating channel halves.
-
+class FlowStack(nn.Module):
+    """A stack of invertible layers ``layer(u, m) -> (u', logdet)`` / ``layer.inverse(z, m)``:
     ``forward(u, mask) -> (z, logdet[B])`` with logdet = log|det dz/du|; ``inverse(z, mask) -> u``.
-    """
+    Shared by RealNVP and TarFlow, which differ only in their layers."""
 
-    def __init__(self, dim: int, layers: int = 4, hidden: int = 64, depth: int = 1, heads: int = 4,
-                 ffn: Optional[int] = None, scale_bound: float = 2.0):
-        super().__init__()
-        if dim < 2:
-            raise ValueError(f"RealNVP needs latent dim >= 2 for channel-split couplings (got {dim})")
-        self.dim, self.hidden, self.depth = dim, hidden, depth
-        self.ffn = ffn or 2 * hidden
-        self.layers = nn.ModuleList(AffineCoupling(dim, i % 2, hidden, depth, heads, self.ffn, scale_bound)
-                                    for i in range(layers))
+    layers: nn.ModuleList
 
     @staticmethod
     def _mask(u: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -138,6 +129,23 @@ class RealNVP(nn.Module):
         for layer in reversed(self.layers):
             z = layer.inverse(z, m)
         return z
+
+
+class RealNVP(FlowStack):
+    """Stack of ``layers`` affine couplings with alternating channel halves.
+
+    ``forward(u, mask) -> (z, logdet[B])`` with logdet = log|det dz/du|; ``inverse(z, mask) -> u``.
+    """
+
+    def __init__(self, dim: int, layers: int = 4, hidden: int = 64, depth: int = 1, heads: int = 4,
+                 ffn: Optional[int] = None, scale_bound: float = 2.0):
+        super().__init__()
+        if dim < 2:
+            raise ValueError(f"RealNVP needs latent dim >= 2 for channel-split couplings (got {dim})")
+        self.dim, self.hidden, self.depth = dim, hidden, depth
+        self.ffn = ffn or 2 * hidden
+        self.layers = nn.ModuleList(AffineCoupling(dim, i % 2, hidden, depth, heads, self.ffn, scale_bound)
+                                    for i in range(layers))
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward matmul FLOPs per position."""

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .layers import transformer_flops_per_token
-from .realnvp import Conditioner
+from .realnvp import Conditioner, FlowStack
 
 
 def _order(mask: torch.Tensor, reverse: bool) -> torch.Tensor:
@@ -73,7 +73,7 @@ class TarFlowBlock(nn.Module):
         return _scatter(torch.cat(cols, dim=1), idx)
 
 
-class TarFlow(nn.Module):
+class TarFlow(FlowStack):
     """``forward(u, mask) -> (z, logdet[B])``, ``inverse(z, mask) -> u`` (same API as RealNVP)."""
 
     def __init__(self, dim: int, layers: int = 4, hidden: int = 64, depth: int = 1, heads: int = 4,
@@ -83,26 +83,6 @@ class TarFlow(nn.Module):
         self.ffn = ffn or 2 * hidden
         self.layers = nn.ModuleList(TarFlowBlock(dim, bool(i % 2), hidden, depth, heads, self.ffn, scale_bound)
                                     for i in range(layers))
-
-    @staticmethod
-    def _mask(u: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        if mask is None:
-            return torch.ones(u.shape[:2], dtype=torch.bool, device=u.device)
-        return mask.bool()
-
-    def forward(self, u: torch.Tensor, mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        m = self._mask(u, mask)
-        logdet = u.new_zeros(u.shape[0])
-        for layer in self.layers:
-            u, ld = layer(u, m)
-            logdet = logdet + ld
-        return u, logdet
-
-    def inverse(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        m = self._mask(z, mask)
-        for layer in reversed(self.layers):
-            z = layer.inverse(z, m)
-        return z
 
     def flops_per_token(self, seq_len: int) -> float:
         per_block = 2 * self.dim * self.hidden + 2 * self.hidden * 2 * self.dim
