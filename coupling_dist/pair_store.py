@@ -269,7 +269,10 @@ def rank_main(cfg: Config) -> dict:
         report = build_report(cfg, ctx, model)
         LOG.info("pair store %s complete: %s", ctx["out_dir"], json.dumps(results))
         print("latent-matching report (" + os.path.join(ctx["out_dir"], "report.json") + "):\n" + format_table(report))
-        summary["report"] = report
+        lat = report["latents"]
+        summary.update(pairs=sum(r.get("samples", 0) for r in results), kl_gauss_fit=lat.get("kl_gauss_fit"),
+                       ks_fail_fraction=lat.get("ks_fail_fraction"),
+                       recon_acc_heldout=report.get("recon_acc_heldout_from_u"), report=report)
     D.barrier()
     D.shutdown()
     return summary
