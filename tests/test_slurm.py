@@ -5,8 +5,10 @@ requeue -> resume ends with the same parameters as an uninterrupted run. Slow: r
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -22,18 +24,24 @@ FAST = ["run.wandb.mode=disabled", "run.progress=false", "data.max_samples=400",
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
+def slurm():
     if os.geteuid() != 0:
         pytest.fail("the SLURM test installs Debian packages and runs slurmd: it needs root")
     subprocess.run(["bash", CLUSTER, "install"], check=True, timeout=900)
-    d = tmp_path_factory.mktemp("slurm")
-    env = dict(os.environ, LOCAL_SLURM_DIR=str(d), SLURM_CONF=str(d / "slurm.conf"), COUPLING_DIST_HOME=ROOT,
+    # munged refuses a socket below a directory that is not world-executable (pytest's tmp dirs are 0700)
+    d = tempfile.mkdtemp(prefix="coupling_dist_slurm_")
+    os.chmod(d, 0o755)
+    env = dict(os.environ, LOCAL_SLURM_DIR=d, SLURM_CONF=os.path.join(d, "slurm.conf"), COUPLING_DIST_HOME=ROOT,
                PY=sys.executable, PYTHONPATH=ROOT)
-    subprocess.run(["bash", CLUSTER, "start"], env=env, check=True, timeout=120, capture_output=True)
     try:
+        proc = subprocess.run(["bash", CLUSTER, "start"], env=env, timeout=120, capture_output=True, text=True)
+        if proc.returncode != 0:
+            logs = "".join(open(os.path.join(d, "log", f)).read()[-2000:] for f in sorted(os.listdir(os.path.join(d, "log"))))
+            pytest.fail(f"local SLURM did not start: {proc.stderr}\n{logs}")
         yield env
     finally:
         subprocess.run(["bash", CLUSTER, "stop"], env=env, timeout=120, capture_output=True)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def sbatch(env, out_dir, *args) -> str:
