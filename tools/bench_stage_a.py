@@ -152,7 +152,7 @@ def main() -> int:
         model = StageAModel(a.features, a.vocab, cfg).to(device)
         if dtype == torch.bfloat16:
             model = model.to(dtype)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer builds it
         it2 = iter(SyntheticLoader(a.batch, a.seq, a.features, a.vocab))
 
         def plain_step():

@@ -2,7 +2,7 @@
 
     python tools/bench_stage_b.py [--batch 4] [--steps 2] [--seq 128] [--width 768] [--depth 12]
                                   [--heads 12] [--ffn 2048] [--vocab 151936] [--latent 256]
-                                  [--teacher-layers 2] [--chunk-rows 128] [--chunk-vocab 151936]
+                                  [--teacher-layers 2] [--chunk-rows 128] [--chunk-vocab 151936] [--rounds 2]
 
 Student: the Stage B generator (768 x 12, 12 heads, FFN 2048, V 151,936, T 128). Teacher: a random
 Qwen2 with the Qwen2.5-0.5B widths (hidden 896, 14 heads / 2 KV heads, FFN 4864) at a reduced
@@ -60,9 +60,12 @@ def build(a):
 def run_variant(a) -> dict:
     from coupling_dist.losses.kd_loss import naive_sequence_loss, sequence_loss
 
+    from coupling_dist.components.metrics import measure_gemm_flops
+
     torch.set_num_threads(a.threads)
+    gemm = [measure_gemm_flops(torch.device("cpu"), torch.float32, use_cache=False)]  # bracket the steps
     gen, teacher, flops = build(a)
-    opt = torch.optim.AdamW(gen.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(gen.parameters(), lr=1e-4, fused=True)  # as the trainer builds it
     g = torch.Generator().manual_seed(1)
     z = torch.randn(a.batch, a.seq, a.latent, generator=g)
     tokens = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g)
@@ -95,7 +98,8 @@ def run_variant(a) -> dict:
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
     t = statistics.median(times)
-    return {"variant": a.variant, "step_s": t, "flops_per_step": flops, "flops_per_s": flops / t,
+    gemm.append(measure_gemm_flops(torch.device("cpu"), torch.float32, use_cache=False))
+    return {"gemm_flops": max(gemm), "variant": a.variant, "step_s": t, "flops_per_step": flops, "flops_per_s": flops / t,
             "peak_rss_mb": rss_mb(), "step_peak_increase_mb": rss_mb() - base, "loss_first": losses[0]}
 
 
@@ -114,6 +118,7 @@ def main() -> int:
     p.add_argument("--teacher-layers", type=int, default=2)
     p.add_argument("--chunk-rows", type=int, default=128)
     p.add_argument("--chunk-vocab", type=int, default=151936)
+    p.add_argument("--rounds", type=int, default=2, help="alternating subprocess rounds per variant")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--variant", choices=["chunked", "naive"], default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -127,18 +132,28 @@ def main() -> int:
     peak = measure_gemm_flops(torch.device("cpu"), torch.float32, use_cache=False)  # measured now, not cached
     print(f"shape: student {a.width}x{a.depth} (heads {a.heads}, ffn {a.ffn}), V {a.vocab}, T {a.seq}, batch {a.batch}; "
           f"teacher Qwen2 896-wide x {a.teacher_layers} layers; threads {a.threads}")
-    print(f"fp32 GEMM peak (this run): {peak / 1e9:.1f} GFLOP/s")
-    res = {}
-    for v in ("chunked", "naive"):
-        args = [sys.executable, os.path.abspath(__file__), "--variant", v] + [
-            x for k, val in vars(a).items() if k != "variant"
-            for x in (f"--{k.replace('_', '-')}", str(val))]
-        out = subprocess.run(args, capture_output=True, text=True)
-        if out.returncode != 0:
-            print(f"{v} failed:\n{out.stderr[-3000:]}")
-            return 1
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        res[v] = r
+    res, gemms = {}, [peak]
+    # rounds alternate the variants (chunked, naive, chunked, ...) so that drift in the shared
+    # machine's speed hits both; each variant keeps its fastest round
+    for _ in range(a.rounds):
+        for v in ("chunked", "naive"):
+            args = [sys.executable, os.path.abspath(__file__), "--variant", v] + [
+                x for k, val in vars(a).items() if k != "variant"
+                for x in (f"--{k.replace('_', '-')}", str(val))]
+            out = subprocess.run(args, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"{v} failed:\n{out.stderr[-3000:]}")
+                return 1
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            gemms.append(r["gemm_flops"])
+            if v not in res or r["step_s"] < res[v]["step_s"]:
+                res[v] = r
+    # the machine's GEMM rate drifts (shared cores): the peak is the best of the measurements taken
+    # before and after each variant's steps, so the fractions below are conservative
+    peak = max(gemms)
+    print(f"fp32 GEMM peak (this run, best of {2 * len(gemms) - 1} measurements): {peak / 1e9:.1f} GFLOP/s; "
+          f"each variant's fastest of {a.rounds} rounds")
+    for v, r in res.items():
         print(f"{v:8s} step {r['step_s']:.2f} s | {r['flops_per_s'] / 1e9:.1f} GFLOP/s = {r['flops_per_s'] / peak:.1%} of "
               f"GEMM peak | peak RSS {r['peak_rss_mb']:.0f} MB (step increase {r['step_peak_increase_mb']:.0f} MB) "
               f"| loss {r['loss_first']:.4f}")

@@ -57,8 +57,9 @@ def measure_gemm_flops(device: Optional[torch.device] = None, dtype: torch.dtype
                        use_cache: bool = True) -> float:
     """Best-of-3 dense square GEMM FLOP/s on ``device`` in ``dtype`` (cached; see module doc)."""
     device = device or torch.device("cpu")
-    key = f"{device_name(device)}|{str(dtype).replace('torch.', '')}|threads={torch.get_num_threads()}"
-    if key in _MEMO:
+    n, reps = (8192, 10) if device.type == "cuda" else (2048, 3)  # 1024 under-fills 2 CPU cores
+    key = f"{device_name(device)}|{str(dtype).replace('torch.', '')}|threads={torch.get_num_threads()}|n={n}"
+    if use_cache and key in _MEMO:
         return _MEMO[key]
     path = os.path.join(cache_dir(), "gemm_peak.json")
     table = {}
@@ -71,7 +72,6 @@ def measure_gemm_flops(device: Optional[torch.device] = None, dtype: torch.dtype
         if key in table:
             _MEMO[key] = float(table[key])
             return _MEMO[key]
-    n, reps = (8192, 10) if device.type == "cuda" else (1024, 4)
     flops = max(_time_gemm(n, dtype, device, reps) for _ in range(3))
     _MEMO[key] = flops
     if use_cache:
