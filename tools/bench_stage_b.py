@@ -58,9 +58,8 @@ def build(a):
 
 
 def run_variant(a) -> dict:
-    from coupling_dist.losses.kd_loss import naive_sequence_loss, sequence_loss
-
     from coupling_dist.components.metrics import measure_gemm_flops
+    from coupling_dist.losses.kd_loss import naive_sequence_loss, sequence_loss
 
     torch.set_num_threads(a.threads)
     gemm = [measure_gemm_flops(torch.device("cpu"), torch.float32, use_cache=False)]  # bracket the steps
@@ -99,8 +98,8 @@ def run_variant(a) -> dict:
             times.append(time.perf_counter() - t0)
     t = statistics.median(times)
     gemm.append(measure_gemm_flops(torch.device("cpu"), torch.float32, use_cache=False))
-    return {"gemm_flops": max(gemm), "variant": a.variant, "step_s": t, "flops_per_step": flops, "flops_per_s": flops / t,
-            "peak_rss_mb": rss_mb(), "step_peak_increase_mb": rss_mb() - base, "loss_first": losses[0]}
+    return {"variant": a.variant, "step_s": t, "flops_per_step": flops, "flops_per_s": flops / t,
+            "gemm_flops": max(gemm), "peak_rss_mb": rss_mb(), "step_peak_increase_mb": rss_mb() - base, "loss_first": losses[0]}
 
 
 def main() -> int:
