@@ -111,8 +111,7 @@ def run_entry(stage: str, fn: Callable[[Config], Optional[dict]], argv: Optional
         print(f"error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:
-        if e.code in (138, 143):  # preempted: every rank checkpointed and leaves at the same step
-            _leave_process_group(barrier=False)
+        _leave_process_group(barrier=False, exit_code=e.code)
         raise
     if _is_rank0():
         from .data.shards import write_json_atomic
@@ -123,17 +122,20 @@ def run_entry(stage: str, fn: Callable[[Config], Optional[dict]], argv: Optional
     return 0
 
 
-def _leave_process_group(barrier: bool) -> None:
+def _leave_process_group(barrier: bool, exit_code=0) -> None:
     """Destroy the process group before the interpreter exits. Left to interpreter teardown, gloo's
     worker threads can abort the process ("terminate called without an active exception",
     pytorch/pytorch#190489), which srun/torchrun report as a failed task after a run that finished.
-    Only on the paths where every rank gets here (success, coordinated preemption): after an
-    error a peer may still be inside a collective, and destroying could block (torchtitan#1342).
-    The barrier lets no rank leave before rank 0 has written the completion marker."""
+    Only on the paths where every rank gets here (success, or a preemption exit: every rank
+    checkpointed and leaves at the same step); after an error a peer may still be inside a
+    collective, and destroying could block (torchtitan#1342). The barrier lets no rank leave
+    before rank 0 has written the completion marker."""
     if "torch" not in sys.modules:  # a driver (Ray) or a config error: no process group here
         return
     from .components import dist as D
 
+    if exit_code != 0 and exit_code not in D.PREEMPT_EXIT_CODES:
+        return
     if barrier:
         D.barrier()
     D.shutdown()

@@ -274,8 +274,7 @@ def rank_main(cfg: Config) -> dict:
                        ks_fail_fraction=lat.get("ks_fail_fraction"),
                        recon_acc_heldout=report.get("recon_acc_heldout_from_u"), report=report)
     D.barrier()
-    D.shutdown()
-    return summary
+    return summary  # run_entry / the Ray rank wrapper leave the process group
 
 
 def main(cfg: Config) -> dict:

@@ -7,7 +7,8 @@ process (clean torch.distributed / DeepSpeed / Ray state per stage), launched th
 an interrupted stage has no marker and resumes from its own checkpoints / finished shards.
 Run as a Ray job (``ray job submit -- python -m coupling_dist.pipeline``), every stage is a plain
 child process that inherits the job's cluster: preprocess and evaluate schedule their actor pools,
-and the rank-based stages run ``ray.num_workers`` Ray-actor ranks (``components.ray_launch``). At the end a summary table lists status, wall time, key metrics and outputs.
+and the rank-based stages run ``ray.num_workers`` Ray-actor ranks (``components.ray_launch``).
+At the end a summary table lists status, wall time, key metrics and outputs.
 """
 from __future__ import annotations
 

@@ -167,7 +167,6 @@ def sample_rank(cfg) -> dict:
     summary = run_sampling(model, meta, tok, out, settings, cfg.sample.num_samples, cfg.sample.batch_size, dev,
                            show_progress=cfg.run.progress)
     log.info("rank %d: %d samples in %.2f s", D.rank(), summary["rank_samples"], summary["seconds"])
-    D.shutdown()
     return summary
 
 

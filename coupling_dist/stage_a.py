@@ -2,11 +2,11 @@
 
 Runs as a single process, under ``torchrun --nproc_per_node N``, under ``srun`` (ranks come from
 ``components.dist``), and as Ray-actor ranks (``ray job submit -- python -m coupling_dist.stage_a``
-or ``stage_a.ray_workers``; see ``components.ray_launch``). Steps: pre-flight (the preprocessed shard set exists, holds encoder features
-of the width this config's encoder produces, and was tokenized with ``data.tokenizer``; any
-mismatch exits with status 2 before training), ShardLoaders for the train and held-out splits,
-the Stage A task, the shared Trainer (resumes from ``run.dir/stage_a/checkpoints/latest`` by
-default), and finally the frozen artifact in ``run.dir/stage_a/export``.
+or ``stage_a.ray_workers``; see ``components.ray_launch``). Steps: pre-flight (the preprocessed
+shard set exists, holds encoder features of the width this config's encoder produces, and was
+tokenized with ``data.tokenizer``; any mismatch exits with status 2 before training), ShardLoaders
+for the train and held-out splits, the Stage A task, the shared Trainer (resumes from
+``run.dir/stage_a/checkpoints/latest`` by default), and finally the frozen artifact in ``run.dir/stage_a/export``.
 Preemption (SIGTERM/SIGUSR1): the Trainer checkpoints and this process exits with 143/138.
 """
 from __future__ import annotations

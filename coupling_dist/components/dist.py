@@ -16,12 +16,26 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
 import subprocess
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+
+# Preemption: the Trainer checkpoints on these signals and the process ends with the shell's
+# "ended by signal N" status (128 + N), which SLURM requeue scripts and launchers recognise.
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def exit_code_for(signum: int) -> int:
+    """Shell convention for 'ended by signal N': 143 for SIGTERM, 138 for SIGUSR1."""
+    return 128 + int(signum)
+
+
+PREEMPT_EXIT_CODES = frozenset(exit_code_for(s) for s in PREEMPT_SIGNALS)
 
 
 class PeerFailure(RuntimeError):

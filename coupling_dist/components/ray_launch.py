@@ -101,7 +101,8 @@ class _RankActor:
             return {"rank": rank, "status": 0, "summary": fn(cfg)}
         except SystemExit as e:  # preemption (checkpointed: 143/138) or a stage's own exit status
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            return {"rank": rank, "status": code, "summary": None, "error": None if code in (0, 138, 143) else str(e)}
+            ok = code == 0 or code in D.PREEMPT_EXIT_CODES
+            return {"rank": rank, "status": code, "summary": None, "error": None if ok else str(e)}
         except PreflightError as e:
             return {"rank": rank, "status": 2, "summary": None, "error": str(e)}
         except Exception as e:  # noqa: BLE001 -- reported with the rank, the job exits non-zero

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import dist as D
+from .dist import PREEMPT_SIGNALS, exit_code_for
 from .checkpoint import CheckpointManager, find_resume, rng_state, seed_everything, set_rng_state
 from .ema import EMA
 from .logging import MetricsLogger, get_logger, progress
@@ -50,14 +51,6 @@ from .optim import build_optimizer, scheduler_factory
 from .tp_reshape import layout_meta, universal_info
 
 LOG = get_logger("trainer")
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-def exit_code_for(signum: int) -> int:
-    """Shell convention for 'ended by signal N': 143 for SIGTERM, 138 for SIGUSR1."""
-    return 128 + int(signum)
-
-
 @dataclasses.dataclass
 class TrainResult:
     step: int
