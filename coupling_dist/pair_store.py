@@ -280,8 +280,7 @@ def rank_main(cfg: Config) -> dict:
 def main(cfg: Config) -> dict:
     # Ranks as Ray actors through the shared launcher (pair_store.ray_workers, or ray.num_workers
     # under `ray job submit`): it connects to ray.address / RAY_ADDRESS or starts a private
-    # loopback instance. (This entry used to call a bare ray.init(), which attaches to whatever
-    # cluster /tmp/ray/ray_current_cluster names -- another user's, on a shared machine.)
+    # loopback instance (a bare ray.init() would attach to whatever cluster /tmp/ray names).
     from .components.ray_launch import run_stage
 
     return run_stage(cfg, rank_main, "pair_store", cfg.pair_store.ray_workers,

@@ -27,7 +27,8 @@ and re-cuts our EMA shards): rank 0 converts the sharded checkpoint with DeepSpe
 ``.universal/`` (the source checkpoint is only read), and every rank loads it with
 ``checkpoint.load_universal``. RNG streams cannot map across world sizes: they are reseeded from
 (seed, step, rank); the data stream continues exactly because the loader position is a global
-step. Same world size: plain sharded load, bitwise exact. Our own files are read with ``torch.load(weights_only=True)``.
+step. Same world size: plain sharded load, bitwise exact. Our own files are read with
+``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
@@ -263,12 +264,13 @@ class CheckpointManager:
                     plan = {"path": path, "step": int(marker["step"]), "marker": marker, "universal": not same,
                             "mp_changed": mp_changed}
             except (OSError, ValueError) as e:
-                plan = {"error": f"{type(e).__name__}: {e}"}
+                plan = {"error": str(e), "kind": type(e).__name__}
         plan = D.broadcast_object(plan)
         if plan is not None and "error" in plan:
-            kind, _, msg = plan["error"].partition(": ")
-            raise FileNotFoundError(msg) if kind == "FileNotFoundError" else ValueError(msg if kind == "ValueError"
-                                                                                        else plan["error"])
+            kind, msg = plan["kind"], plan["error"]
+            if kind == "FileNotFoundError":
+                raise FileNotFoundError(msg)
+            raise ValueError(msg if kind == "ValueError" else f"{kind}: {msg}")
         return plan
 
     def universal_dir(self, plan: dict) -> str:

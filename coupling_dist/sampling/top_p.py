@@ -12,7 +12,7 @@ Fast path: a full sort of every 152k row is what dominates a naive sampler. ``to
 ``k + 1`` values finds the nucleus of a row exactly whenever the top-k mass reaches ``p`` *and*
 the (k+1)-th value is strictly below the threshold (no tie crossing the cut). Rows failing that
 test (flat distributions: high temperature, untrained models) fall back to a radix select of the
-threshold (three histogram passes, no sort; ``_threshold_radix``); the kept set is identical either
+threshold (two histogram passes, no sort; ``_threshold_radix``); the kept set is identical either
 way (``tests/test_sampling.py`` checks equality with the full-sort reference).
 
 Sampling uses the inverse CDF over the kept set *in vocabulary order* (on both paths, so a row's
