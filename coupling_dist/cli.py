@@ -1,27 +1,24 @@
-"""What every entry module shares: argument parsing, config loading, pre-flight checks, logging.
+"""The command-line layer: what every ``python -m coupling_dist.<entry>`` shares.
 
-An entry is ``python -m coupling_dist.<stage> --config FILE [dotted.key=value ...]``; it calls
-``run_entry("stage", fn)`` where ``fn(cfg) -> dict`` does the work and returns a short summary.
-Config errors and pre-flight failures exit with status 2 before any work, naming the key or path.
+An entry is ``python -m coupling_dist.<stage> --config FILE [dotted.key=value ...]``; its shim calls
+``run_entry("stage", main)`` where ``main(cfg) -> dict`` (``stages/<stage>/entry.py``) does the work
+and returns a short summary. Config errors and pre-flight failures (``ConfigError``,
+``components.preflight.PreflightError``, raised by every stage before any work) become one
+``error: ...`` line and exit status 2. The pipeline's shim calls ``run_driver`` (it launches the
+stages as child processes and returns their status).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from typing import Callable, Optional
 
+from .components import paths
+from .components.atomic import write_json
+from .components.preflight import PreflightError, check_writable
 from .config import Config, ConfigError, load_config
-
-MIN_FREE_BYTES = int(float(os.environ.get("COUPLING_DIST_MIN_FREE_MB", "200")) * 2**20)
-
-
-class PreflightError(RuntimeError):
-    pass
 
 
 def parse_args(stage: str, argv: Optional[list[str]] = None) -> tuple[Optional[str], list[str]]:
@@ -37,59 +34,15 @@ def parse_args(stage: str, argv: Optional[list[str]] = None) -> tuple[Optional[s
     return path, a.overrides
 
 
-def check_writable(path: str, what: str = "run.dir") -> None:
-    """Fail at start, not after an hour: the output dir must be creatable, writable, with free space."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write_probe.", dir=path)
-        os.write(fd, b"x" * 4096)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise PreflightError(f"{what} '{path}' is not writable: {e.strerror or e}") from None
-    free = shutil.disk_usage(path).free
-    if free < MIN_FREE_BYTES:
-        raise PreflightError(f"{what} '{path}' has only {free / 2**20:.0f} MiB free "
-                             f"(need at least {MIN_FREE_BYTES / 2**20:.0f} MiB; COUPLING_DIST_MIN_FREE_MB)")
-
-
 def load(stage: str, argv: Optional[list[str]] = None) -> Config:
     path, overrides = parse_args(stage, argv)
     cfg = load_config(path, overrides)
-    check_writable(cfg.stage_dir(stage), f"run.dir ({cfg.run.dir}) for stage '{stage}'")
+    check_writable(paths.stage_dir(cfg, stage), f"run.dir ({cfg.run.dir}) for stage '{stage}'")
     return cfg
-
-
-COMPLETE = "_COMPLETE.json"
 
 
 def _is_rank0() -> bool:
     return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
-
-
-def completion_marker(cfg: Config, stage: str) -> str:
-    return os.path.join(cfg.stage_dir(stage), COMPLETE)
-
-
-def read_completion(cfg: Config, stage: str) -> Optional[dict]:
-    path = completion_marker(cfg, stage)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-def exit_on_peer_failure(fn: Callable, *args):
-    """``fn(*args)``; if a peer rank died (``dist.PeerFailure``), print the message and leave at
-    once with status 1: interpreter shutdown would tear down a process group whose peer is gone,
-    which can block, and every checkpoint on disk is already complete (atomic writes)."""
-    from .components.dist import PeerFailure
-
-    try:
-        return fn(*args)
-    except PeerFailure as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        os._exit(1)
 
 
 def run_entry(stage: str, fn: Callable[[Config], Optional[dict]], argv: Optional[list[str]] = None) -> int:
@@ -101,41 +54,34 @@ def run_entry(stage: str, fn: Callable[[Config], Optional[dict]], argv: Optional
     except (ConfigError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    marker = completion_marker(cfg, stage)
+    marker = paths.completion_marker(cfg, stage)
     if _is_rank0() and os.path.exists(marker):
         os.remove(marker)
+    from .components import dist as D  # imports torch: after the config checks, which need none
+
     t0 = time.time()
     try:
-        summary = exit_on_peer_failure(fn, cfg)
+        summary = D.exit_on_peer_failure(fn, cfg)
     except (ConfigError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr)
+        D.mark_failed()  # the process group (if any) is left alone at exit: see components.dist
         return 2
-    except SystemExit as e:
-        _leave_process_group(barrier=False, exit_code=e.code)
+    except SystemExit as e:  # a preemption exit (every rank checkpointed) is a clean exit
+        if e.code not in (0, None) and e.code not in D.PREEMPT_EXIT_CODES:
+            D.mark_failed()
         raise
     if _is_rank0():
-        from .data.shards import write_json_atomic
-
-        write_json_atomic(marker, {"stage": stage, "summary": summary or {}, "wall_s": round(time.time() - t0, 2),
-                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": cfg.to_dict()})
-    _leave_process_group(barrier=True)
+        write_json(marker, {"stage": stage, "summary": summary or {}, "wall_s": round(time.time() - t0, 2),
+                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": cfg.to_dict()})
+    D.shutdown(wait_all=True)  # no rank leaves before rank 0 wrote the marker
     return 0
 
 
-def _leave_process_group(barrier: bool, exit_code=0) -> None:
-    """Destroy the process group before the interpreter exits. Left to interpreter teardown, gloo's
-    worker threads can abort the process ("terminate called without an active exception",
-    pytorch/pytorch#190489), which srun/torchrun report as a failed task after a run that finished.
-    Only on the paths where every rank gets here (success, or a preemption exit: every rank
-    checkpointed and leaves at the same step); after an error a peer may still be inside a
-    collective, and destroying could block (torchtitan#1342). The barrier lets no rank leave
-    before rank 0 has written the completion marker."""
-    if "torch" not in sys.modules:  # a driver (Ray) or a config error: no process group here
-        return
-    from .components import dist as D
-
-    if exit_code != 0 and exit_code not in D.PREEMPT_EXIT_CODES:
-        return
-    if barrier:
-        D.barrier()
-    D.shutdown()
+def run_driver(name: str, fn: Callable[[Optional[str], list[str]], int], argv: Optional[list[str]] = None) -> int:
+    """``fn(config_path, overrides) -> exit status`` (the pipeline); config errors exit with 2."""
+    path, overrides = parse_args(name, argv)
+    try:
+        return fn(path, overrides)
+    except (ConfigError, PreflightError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

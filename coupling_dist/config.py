@@ -6,13 +6,15 @@ Design (written down so every stage agrees):
   parsed as YAML scalars/lists), then builds the dataclasses. Unknown keys, wrong types and
   out-of-range values raise ``ConfigError`` naming the dotted key and the file *before any work*.
 - Range checks live next to the field as ``metadata={"ge": .., "gt": .., "le": .., "choices": ..}``.
-- Paths are kept as strings; ``run.dir`` roots every output (``run.dir/<stage>/``) via
-  ``Config.stage_dir``.
+- Paths are kept as strings; ``run.dir`` roots every output (``run.dir/<stage>/``); the default
+  paths themselves are defined once, in ``components.paths`` (``Config.stage_dir``/``data_dir``
+  delegate to it).
+- Every key is read somewhere (``tests/test_layout.py`` checks it statically): a key that does
+  nothing is removed, not kept for show.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import types
@@ -90,7 +92,7 @@ class LoaderConfig:
     num_workers: int = _f(0, ge=0)  # DataLoader worker processes per rank
     verify_checksums: bool = False
     skip_bad: bool = False  # opt-in: skip bad samples, counting and logging each
-    prefetch: int = _f(2, ge=1)
+    prefetch: int = _f(2, ge=1)  # batches each worker prepares ahead (with num_workers > 0)
 
 
 @dataclass
@@ -117,7 +119,7 @@ class TrainConfig:
     eval_batches: int = _f(4, gt=0)
     resume: str = "auto"  # auto (latest if present) | none | path to a checkpoint dir
     peak_flops: Optional[float] = _f(None, gt=0)  # per device, for MFU; null = measured GEMM peak
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # recompute each transformer block in backward (distributed.parallelize)
 
 
 @dataclass
@@ -143,7 +145,6 @@ class StageAConfig:
     latent_dim: int = _f(16, gt=0)
     noise_scale: float = _f(0.2, gt=0)  # dequantization sigma
     learned_logvar: bool = False
-    online_encoder: bool = False  # run the encoder online when shards hold tokens only
     ray_workers: Optional[int] = _f(None, gt=0)  # run as this many Ray-actor ranks (default under a Ray job: ray.num_workers)
     lambda_rec: float = _f(1.0, ge=0)
     lambda_kl: float = _f(1e-3, ge=0)
@@ -159,7 +160,6 @@ class StageAConfig:
 class PairStoreConfig:
     multiplicity: int = _f(1, gt=0)  # latents per sample
     dtype: str = _f("float16", choices=("float16", "bfloat16", "float32"))
-    shard_size: int = _f(256, gt=0)
     batch_size: int = _f(64, gt=0)
     ks_alpha: float = _f(0.01, gt=0, lt=1)
     report_samples: int = _f(2048, gt=0)
@@ -260,21 +260,20 @@ class Config:
     sample: SampleConfig = _f(factory=SampleConfig)
     evaluate: EvaluateConfig = _f(factory=EvaluateConfig)
     pipeline: PipelineConfig = _f(factory=PipelineConfig)
-    source: Optional[str] = None  # the YAML file it came from (set by load_config)
 
     def stage_dir(self, stage: str) -> str:
-        # evaluate writes to run.dir/eval (the documented results location)
-        return os.path.join(self.run.dir, {"evaluate": "eval"}.get(stage, stage))
+        from .components.paths import stage_dir
+
+        return stage_dir(self, stage)
 
     @property
     def data_dir(self) -> str:
-        return self.data.out_dir or self.stage_dir("data")
+        from .components.paths import data_dir
+
+        return data_dir(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
 # --------------------------------------------------------------------------- building
@@ -364,6 +363,11 @@ def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
     return obj
 
 
+def section_from_dict(cls: type, data: Any, key: str, where: str) -> Any:
+    """One section (e.g. ``StageAConfig`` from an export's config.json), validated like a config file."""
+    return _build(cls, data, key, where)
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like dotted.key=value")
@@ -409,9 +413,7 @@ def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> C
     data = apply_overrides(data, list(overrides or []))
     if overrides:
         where = f"{where} (with overrides)"
-    data.pop("source", None)
     cfg = _build(Config, data, "", where)
-    cfg.source = os.path.abspath(path) if path else None
     _cross_checks(cfg, where)
     return cfg
 

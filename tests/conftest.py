@@ -9,6 +9,7 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))  # fixtures shared with the benchmarks (tools/*_fixtures.py)
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
 PY = sys.executable
 

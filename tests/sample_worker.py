@@ -2,9 +2,9 @@
 with the real Qwen tokenizer, on every rank, writing one merged file."""
 import sys
 
-from coupling_dist.assets import load_tokenizer
+from coupling_dist.components.assets import load_tokenizer
 from coupling_dist.components import dist as D
-from coupling_dist.sample import run_sampling
+from coupling_dist.stages.sample.entry import run_sampling
 from coupling_dist.sampling.onestep import SampleSettings
 from toy_generators import OneStepToy, onestep_meta
 

@@ -11,7 +11,7 @@ import numpy as np
 
 def make_pair_store(run_dir: str, *, n_train: int = 96, n_heldout: int = 16, seq_len: int = 32, latent_dim: int = 16,
                     K: int = 1, tokenizer: str = "asset:qwen2.5-tokenizer", shard_size: int = 48) -> str:
-    from coupling_dist import assets
+    from coupling_dist.components import assets
     from coupling_dist.data.shards import Manifest, write_shard
 
     out = os.path.join(run_dir, "pair_store")

@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from coupling_dist.components.atomic import write_text as write_text_atomic
 from coupling_dist.components.checkpoint import (MARKER, CheckpointManager, complete_checkpoints, find_resume,
-                                                 rng_state, set_rng_state, step_name, write_text_atomic)
+                                                 rng_state, set_rng_state, step_name)
 from coupling_dist.components.ema import EMA
 
 

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from conftest import demo_cfg  # noqa: E402
 
-from coupling_dist import assets  # noqa: E402
+from coupling_dist.components import assets, faults  # noqa: E402
 from coupling_dist.evaluation.samples_file import read_samples  # noqa: E402
 from coupling_dist.evaluation.scorer import (ScoringPlan, distinct_n, load_scorer_model,  # noqa: E402
                                              load_scorer_tokenizer, score_chunk_batch, score_local,
@@ -84,14 +84,14 @@ def test_gen_ppl_ray_pool_1_and_2_actors(gpt2, ray_head):
 def test_killed_scorer_actor_is_replaced_and_result_unchanged(gpt2, ray_head, tmp_path, monkeypatch):
     """A scorer actor process dies in the middle of a batch: Ray restarts it, the batch is retried,
     and the metrics are identical to an undisturbed run."""
-    from coupling_dist.evaluation.pool import FAULT_ENV, ScorerPool
+    from coupling_dist.evaluation.pool import ScorerPool
 
     model, tok, ref = gpt2
     texts = _lee(12, 60)
     with ScorerPool(ref, num_actors=2, address=ray_head["address"]) as pool:
         clean = pool.score(texts, None, tok, "mdlm", batch_size=2)
     marker = tmp_path / "killed"
-    monkeypatch.setenv(FAULT_ENV, f"2:{marker}")
+    monkeypatch.setenv(faults.ENV, faults.spec("evaluate.batch", batch=2, once=marker))
     with ScorerPool(ref, num_actors=2, address=ray_head["address"]) as pool:
         hurt = pool.score(texts, None, tok, "mdlm", batch_size=2)
     assert marker.exists()  # the crash really happened
@@ -156,7 +156,7 @@ def test_evaluate_entry_end_to_end(tmp_path, ray_head, monkeypatch):
     """Sample file with bad lines + a sweep on a toy export + a reference file -> results.json, CSV, PNG."""
     from toy_generators import OneStepToy, onestep_meta
 
-    import coupling_dist.sample as sample_mod
+    import coupling_dist.sampling.generate as sample_mod
     from coupling_dist.evaluate import main
 
     V, T, d, eos = 151936, 12, 8, 151643

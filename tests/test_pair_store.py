@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 from conftest import DEMO, run_module, torchrun
-from coupling_dist.data import pair_writer as pw
+from coupling_dist.components import faults
+from coupling_dist.data import shard_job
 from coupling_dist.data import shards as S
-from coupling_dist.data.latent_report import gaussian_fit_kl, latent_stats
+from coupling_dist.stages.pair_store import writer as pw
+from coupling_dist.stages.pair_store.report import gaussian_fit_kl, latent_stats
 from pair_store_fixtures import export_random_stage_a, make_source, synthetic_tokenizer
 
 T, H, V, D, K = 16, 16, 64, 8, 2
@@ -116,7 +118,7 @@ def test_two_ray_actor_ranks_write_the_same_bytes_as_one(world, clean, tmp_path)
 @pytest.mark.parametrize("launcher", ["torchrun", "ray"])
 def test_killed_rank_leaves_no_manifest_and_rerun_matches_clean(world, clean, tmp_path, launcher):
     out = str(tmp_path / "pair_store")
-    fault = {pw.FAULT_ENV: "rank=1,after=1"}  # rank 1 SIGKILLs itself after its first unit
+    fault = {faults.ENV: faults.spec("pair_store.unit", rank=1, done=1)}  # rank 1 SIGKILLs itself after its first unit
     if launcher == "torchrun":
         proc = torchrun(2, ["-m", ENTRY, *ps_args(world, tmp_path)], env=fault, check=False)
     else:
@@ -127,7 +129,7 @@ def test_killed_rank_leaves_no_manifest_and_rerun_matches_clean(world, clean, tm
     assert not os.path.exists(os.path.join(out, "report.json"))
     assert not os.path.exists(os.path.join(out, "_COMPLETE.json"))
     plan = sorted(s["name"] for s in S.Manifest.load(world["data"]).shards)
-    recorded = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(out, pw.PARTS, "*.json")))
+    recorded = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(out, shard_job.PARTS, "*.json")))
     assert [n for n in recorded if n in plan[1::2]] == [plan[1]]  # rank 1 died after exactly one unit
     assert len(recorded) < len(plan)
     assert not glob.glob(os.path.join(out, ".*.tmp.*"))  # killed between units: no half-written file
@@ -165,7 +167,7 @@ def test_mismatched_stage_a_artifact_is_refused_before_any_work(world, tmp_path,
     assert art in msg[0] and os.path.join(world["data"], "manifest.json") in msg[0]
     # Nothing was written: no shard, no unit record, no manifest (and no Ray instance was started).
     out = tmp_path / "run" / "pair_store"
-    assert not glob.glob(str(out / "*.tar")) and not glob.glob(str(out / pw.PARTS / "*"))
+    assert not glob.glob(str(out / "*.tar")) and not glob.glob(str(out / shard_job.PARTS / "*"))
     assert not (out / "manifest.json").exists()
     assert "Ray workers" not in proc.stderr
 

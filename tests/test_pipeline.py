@@ -7,9 +7,10 @@ import os
 import pytest
 
 from conftest import DEMO, run_module
-from coupling_dist.cli import COMPLETE, PreflightError, check_writable
+from coupling_dist.components.paths import COMPLETE
+from coupling_dist.components.preflight import PreflightError, check_writable
 from coupling_dist.config import PIPELINE_STAGES, load_config
-from coupling_dist.pipeline import stage_command
+from coupling_dist.stages.pipeline.entry import stage_command
 
 
 def _mark(run_dir, stage, summary):

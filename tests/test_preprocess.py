@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from conftest import DEMO, demo_cfg, run_module
-from coupling_dist import assets
+from coupling_dist.components import assets, faults
 from coupling_dist.data import corpus as C
-from coupling_dist.data import preprocess as P
+from coupling_dist.data import shard_job
 from coupling_dist.data import shards as S
+from coupling_dist.stages.preprocess import work as P
 
 N, SIZE = 200, 32
 
@@ -64,13 +65,13 @@ def test_tokenize_appends_eos_pads_and_truncates(tmp_path):
     assert tokens[1].tolist() == tok(long, add_special_tokens=False)["input_ids"][:8] and mask[1].all()
     assert truncated == 1
     # tokens only (encoder.model: null): a shard with tokens and mask, no features
-    os.makedirs(tmp_path / P.PARTS)
+    os.makedirs(tmp_path / shard_job.PARTS)
     rec = w.process({"name": "shard-train-00000.tar", "split": "train", "keys": ["000000000", "000000001"],
                      "texts": [short, long], "fingerprint": "f"})
     got = S.read_shard(str(tmp_path / "shard-train-00000.tar"))
     assert rec["count"] == 2 and set(got[0]) == {"__key__", "tokens", "mask"}
     assert np.array_equal(got[1]["tokens"], tokens[1])
-    assert json.load(open(P.sidecar_path(str(tmp_path), rec["name"])))["sha256"] == rec["sha256"]
+    assert json.load(open(shard_job.sidecar_path(str(tmp_path), rec["name"])))["sha256"] == rec["sha256"]
 
 
 def test_split_plan_is_deterministic():
@@ -106,11 +107,11 @@ def made(tmp_path_factory):
     lg = logging.getLogger("coupling_dist")
     lg.addHandler(rec)
     lg.setLevel(logging.INFO)
-    os.environ[P.FAULT_ENV] = "shard-train-00002.tar"
+    os.environ[faults.ENV] = faults.spec("preprocess.shard", shard="shard-train-00002.tar", once=tmp / "fault-once")
     try:
         path = P.preprocess(cfg)
     finally:
-        del os.environ[P.FAULT_ENV]
+        del os.environ[faults.ENV]
         lg.removeHandler(rec)
     return {"cfg": cfg, "tmp": tmp, "path": path, "log": rec.lines}
 
@@ -134,7 +135,7 @@ def test_shards_manifest_and_counts(made):
     assert sorted(f for f in os.listdir(d) if f.endswith(".tar")) == sorted(s["name"] for s in man.shards)
     # the retried crash, and both workers really used
     assert any("shard-train-00002.tar: attempt 1 failed" in line for line in made["log"]), made["log"]
-    pids = {json.load(open(P.sidecar_path(d, s["name"])))["pid"] for s in man.shards}
+    pids = {json.load(open(shard_job.sidecar_path(d, s["name"])))["pid"] for s in man.shards}
     assert len(pids) >= 2
     # every corpus sentence exactly once, keyed by its corpus index, with the right tokens
     texts = list(C.iter_corpus(assets.resolve_corpus(cfg.data.corpus), limit=N))

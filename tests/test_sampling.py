@@ -230,7 +230,7 @@ def test_p2_self_batch_size_independent():
 
 
 def test_records_stop_at_first_eos_and_multirank_merge(tmp_path):
-    from coupling_dist.assets import load_tokenizer
+    from coupling_dist.components.assets import load_tokenizer
 
     from sample_worker import QWEN_EOS
 
@@ -286,7 +286,7 @@ def test_sample_entry_with_real_export(tmp_path):
 
 
 def test_p2_self_on_real_masked_export(tmp_path):
-    from coupling_dist.sample import load_export
+    from coupling_dist.sampling.generate import load_export
 
     model, meta = load_export(_export(tmp_path, "masked"))
     s = SampleSettings(temperature=1.0, top_p=0.95, steps=3, seed=1)

@@ -65,8 +65,8 @@ def test_zero1_and_zero3_run(tmp_path, data_dir, zero):
 
 
 def test_mismatched_features_or_tokenizer_refused_before_training(tmp_path, data_dir):
-    from coupling_dist.cli import PreflightError
-    from coupling_dist.stage_a import preflight
+    from coupling_dist.components.preflight import PreflightError
+    from coupling_dist.stages.stage_a.preflight import preflight
 
     base = [f"data.out_dir={data_dir}"]
     preflight(demo_cfg(tmp_path, *base))  # the matching config passes

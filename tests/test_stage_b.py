@@ -14,6 +14,7 @@ import torch
 from conftest import PY, ROOT, demo_cfg, ray_job_submit, run_module, torchrun
 from stage_b_fixtures import make_pair_store
 
+from coupling_dist.components import faults
 from coupling_dist.config import GeneratorConfig
 from coupling_dist.models.generator import Generator, export_generator, load_generator
 
@@ -76,8 +77,8 @@ def test_export_loads_without_megatron_or_deepspeed(tmp_path):
 
 
 def test_preflight_errors(tmp_path, store_dir):
-    from coupling_dist.cli import PreflightError
-    from coupling_dist.stage_b import checked_task_info
+    from coupling_dist.components.preflight import PreflightError
+    from coupling_dist.stages.stage_b.preflight import checked_task_info
 
     empty = tmp_path / "empty"
     with pytest.raises(PreflightError, match="pair_store"):
@@ -144,7 +145,7 @@ def test_kill_and_resume_is_bitwise(tmp_path, store_dir):
     run_module("coupling_dist.stage_b", *args, f"run.dir={ref}", timeout=900)
     os.makedirs(tmp_path / "cut")
     cut = _run_dir(tmp_path / "cut", store_dir)
-    proc = run_module("coupling_dist.stage_b", *args, f"run.dir={cut}", env={"COUPLING_DIST_FAULT_STAGE_B_STEP": "4"},
+    proc = run_module("coupling_dist.stage_b", *args, f"run.dir={cut}", env={faults.ENV: faults.spec("stage_b.step", step=4, rank=0)},
                       check=False, timeout=900)
     assert proc.returncode != 0 and not os.path.exists(os.path.join(cut, "stage_b", "export"))
     run_module("coupling_dist.stage_b", *args, f"run.dir={cut}", timeout=900)

@@ -15,8 +15,9 @@ import torch
 from conftest import ROOT, run_module, torchrun
 from stage_b_fixtures import make_pair_store
 
-from coupling_dist.components.checkpoint import CheckpointManager, write_text_atomic
-from coupling_dist.components.tp_reshape import (TP_LAYOUT, check_shapes, layout_meta, reshard_ema,
+from coupling_dist.components.atomic import write_text as write_text_atomic
+from coupling_dist.components.checkpoint import CheckpointManager
+from coupling_dist.distributed.tp_reshape import (TP_LAYOUT, check_shapes, layout_meta, reshard_ema,
                                                  universal_info)
 from coupling_dist.config import GeneratorConfig
 from coupling_dist.models.generator import Generator, load_generator

@@ -107,6 +107,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from coupling_dist.cli import exit_on_peer_failure
+    from coupling_dist.components.dist import exit_on_peer_failure
 
     raise SystemExit(exit_on_peer_failure(main))

@@ -6,7 +6,7 @@
 Both runs are the real entry (``python -m coupling_dist.pair_store``) in real processes: torchrun
 with 1 and 2 ranks (or ``pair_store.ray_workers`` Ray-actor ranks), on the same inputs: synthetic
 source shards in the real format and a freshly initialised Stage A exported as a real artifact
-(tests/pair_store_fixtures.py; an untrained Stage A costs the same to run as a trained one).
+(tools/pair_store_fixtures.py; an untrained Stage A costs the same to run as a trained one).
 
 Shapes: ``demo`` is configs/demo.yaml's Stage A (T 32, features 64 = tiny Qwen2 width, d 16,
 RealNVP 4 layers hidden 64, Qwen vocab); ``paper`` is configs/lm1b_paper.yaml's Stage A (T 128,
@@ -37,7 +37,6 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from coupling_dist.config import load_config  # noqa: E402
 from coupling_dist.data import shards as S  # noqa: E402

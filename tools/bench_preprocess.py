@@ -22,7 +22,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from coupling_dist.config import load_config  # noqa: E402
-from coupling_dist.data import preprocess as P  # noqa: E402
+from coupling_dist.data.shard_job import PARTS, sidecar_path  # noqa: E402
+from coupling_dist.stages.preprocess import plan as P  # noqa: E402
+from coupling_dist.stages.preprocess.work import preprocess  # noqa: E402
+from coupling_dist.stages.preprocess.worker import ShardWorker  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,10 +58,10 @@ def main() -> int:
     n = P.count_samples(settings["files"], cfg)
     plan, held = P.make_plan(n, cfg.data.heldout_fraction, cfg.data.shard_size, P.fingerprint(settings))
     out = cfg.data_dir
-    os.makedirs(os.path.join(out, P.PARTS))
+    os.makedirs(os.path.join(out, PARTS))
     t0 = time.perf_counter()
-    w = P.ShardWorker(cfg.data.tokenizer, cfg.data.seq_len, out,
-                      {"model": enc, "layer": -1, "dtype": "float16", "batch_size": cfg.encoder.batch_size}, 1)
+    w = ShardWorker(cfg.data.tokenizer, cfg.data.seq_len, out,
+                    {"model": enc, "layer": -1, "dtype": "float16", "batch_size": cfg.encoder.batch_size}, 1)
     t_ready = time.perf_counter()
     for task in P.iter_tasks(settings["files"], cfg, held, plan, {e["name"] for e in plan}):
         w.process(task)
@@ -72,9 +75,9 @@ def main() -> int:
         for workers in (1, 2):
             cfg = cfg_for(f"ray{workers}", workers)
             t0 = time.perf_counter()
-            P.preprocess(cfg)
+            preprocess(cfg)
             wall = time.perf_counter() - t0
-            recs = [json.load(open(P.sidecar_path(cfg.data_dir, e["name"]))) for e in plan]
+            recs = [json.load(open(sidecar_path(cfg.data_dir, e["name"]))) for e in plan]
             # steady state: the workers' busy time, spread over the workers (they run in parallel)
             busy = sum(r["seconds"] for r in recs) / workers
             rows.append((f"Ray, {workers} worker(s)", n / wall, n / busy))

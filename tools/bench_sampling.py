@@ -121,7 +121,7 @@ def bench_top_p(a) -> None:
 
 
 def bench_score(a) -> None:
-    from coupling_dist import assets
+    from coupling_dist.components import assets
     from coupling_dist.evaluation.pool import ScorerPool
     from coupling_dist.evaluation.scorer import load_scorer_tokenizer
 

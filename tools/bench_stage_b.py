@@ -43,7 +43,7 @@ def build(a):
 
     from coupling_dist.config import GeneratorConfig
     from coupling_dist.models.generator import Generator
-    from coupling_dist.stage_b_task import teacher_flops_per_token
+    from coupling_dist.models.teacher import teacher_flops_per_token
 
     torch.manual_seed(0)
     gen = Generator(GeneratorConfig(width=a.width, depth=a.depth, heads=a.heads, ffn=a.ffn, attention="sdpa"),

@@ -20,7 +20,7 @@ replaces ``latest`` atomically, and prunes to the newest ``keep_last``. A crash 
 leaves either the previous ``latest`` or a ``.tmp``/marker-less directory that resume skips.
 
 Resume at another data-parallel size (or ZeRO stage), or at another tensor-parallel size (ZeRO
-1/2, ``tp_reshape``: the TP slices are merged and re-cut as described by the
+1/2, ``distributed.tp_reshape``: the TP slices are merged and re-cut as described by the
 ``universal_checkpoint_info`` saved in the DeepSpeed files; ``tp_layout.json`` checks the shapes
 and re-cuts our EMA shards): rank 0 converts the sharded checkpoint with DeepSpeed's
 ``ds_to_universal`` (layout-independent, per-parameter fp32 weights and Adam moments) once, into
@@ -45,9 +45,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..distributed.tp_reshape import TP_LAYOUT, check_shapes, read_layout, reshape_error, reshard_ema
 from . import dist as D
+from .atomic import fsync_tree, write_path, write_text
 from .logging import get_logger
-from .tp_reshape import TP_LAYOUT, check_shapes, read_layout, reshape_error, reshard_ema
 
 LOG = get_logger("checkpoint")
 MARKER, LATEST, UNIVERSAL = "complete.json", "latest", ".universal"
@@ -141,33 +142,6 @@ def find_resume(root: str, resume: str = "auto") -> Optional[str]:
 # --------------------------------------------------------------------------- files
 
 
-def _write_atomic(path: str, writer) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    writer(tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    def w(tmp):
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-    _write_atomic(path, w)
-
-
-def _fsync_tree(path: str) -> None:
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            with open(os.path.join(dirpath, f), "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def load_own(path: str):
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -200,22 +174,22 @@ class CheckpointManager:
         try:
             engine.save_checkpoint(self.root, tag=name + ".tmp", save_latest=False)
             r = D.rank()
-            _write_atomic(os.path.join(tmp, f"trainer_state_rank{r}.pt"), lambda p: torch.save(state, p))
+            write_path(os.path.join(tmp, f"trainer_state_rank{r}.pt"), lambda p: torch.save(state, p))
             summary = {k: v for k, v in state.items() if k in ("step", "data_step", "layout", "time")}
-            write_text_atomic(os.path.join(tmp, f"trainer_state_rank{r}.json"), json.dumps(summary, indent=1))
+            write_text(os.path.join(tmp, f"trainer_state_rank{r}.json"), json.dumps(summary, indent=1))
             if ema_state is not None:
-                _write_atomic(os.path.join(tmp, f"ema_rank{r}.pt"), lambda p: torch.save(ema_state, p))
+                write_path(os.path.join(tmp, f"ema_rank{r}.pt"), lambda p: torch.save(ema_state, p))
             if tp_meta is not None and D.is_main():
-                write_text_atomic(os.path.join(tmp, TP_LAYOUT), json.dumps(tp_meta))
+                write_text(os.path.join(tmp, TP_LAYOUT), json.dumps(tp_meta))
         except Exception:
             LOG.exception("rank %d failed writing checkpoint %s", D.rank(), tmp)
             ok = False
         if not D.all_ok(ok):
             raise RuntimeError(f"checkpoint {tmp} failed on some rank; {LATEST} still names the previous one")
         if D.is_main():
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             marker = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **layout}
-            write_text_atomic(os.path.join(tmp, MARKER), json.dumps(marker, indent=1))
+            write_text(os.path.join(tmp, MARKER), json.dumps(marker, indent=1))
             old = None
             if os.path.exists(final):  # same step written by an earlier run (resumed from further back)
                 shutil.rmtree(os.path.join(self.root, UNIVERSAL, name), ignore_errors=True)  # its stale conversion
@@ -225,7 +199,7 @@ class CheckpointManager:
             os.rename(tmp, final)
             if old:
                 shutil.rmtree(old, ignore_errors=True)
-            write_text_atomic(os.path.join(self.root, LATEST), name + "\n")
+            write_text(os.path.join(self.root, LATEST), name + "\n")
             self.prune()
         D.barrier()
         return final
@@ -295,7 +269,7 @@ class CheckpointManager:
                 ds_to_universal(argparse.Namespace(input_folder=plan["path"], output_folder=tmp, num_extract_workers=1,
                                                    num_merge_workers=1, keep_temp_folder=False, strict=True,
                                                    inject_missing_state=True))
-                write_text_atomic(os.path.join(tmp, MARKER), json.dumps(
+                write_text(os.path.join(tmp, MARKER), json.dumps(
                     {"step": plan["step"], "universal": True, "source_time": plan["marker"].get("time")}))
                 shutil.rmtree(out, ignore_errors=True)
                 os.rename(tmp, out)

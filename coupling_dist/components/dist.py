@@ -11,15 +11,29 @@ Launchers and how we read them:
 Backend: NCCL when CUDA is available, gloo otherwise. The collective timeout is bounded
 (``COUPLING_DIST_TIMEOUT_S``, default 300 s) so that a dead peer ends a job with an error rather
 than a silent hang.
+
+Teardown is registered where the group is created (``init_distributed``), so every process that
+creates one -- entries, test workers, Ray actor ranks, benchmarks, a user's own script around the
+Trainer -- leaves it the same way. Left to interpreter teardown, gloo's worker threads can abort
+the process after a run that finished ("terminate called without an active exception",
+pytorch/pytorch#190489), which srun/torchrun report as a failed task. So an ``atexit`` handler
+destroys the group -- but only on a clean exit: after an error a peer may still be inside a
+collective, and destroying could block (torchtitan#1342). "Clean" means no uncaught exception
+(an ``excepthook`` wrapper notices one) and no ``mark_failed()`` (the CLI calls it for an error
+exit status); a preemption exit is clean (every rank checkpointed and leaves at the same step).
+With a single rank there is no peer to wait for, so the group is always destroyed. ``shutdown()``
+destroys it at once (with a barrier when every rank must have reached the same point first).
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import signal
 import socket
 import subprocess
-from typing import Optional
+import sys
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -103,7 +117,66 @@ def init_distributed(timeout_s: Optional[float] = None) -> dict:
         torch.cuda.set_device(info["local_rank"] % torch.cuda.device_count())
     dist.init_process_group(backend="nccl" if cuda else "gloo", rank=info["rank"], world_size=info["world"],
                             timeout=datetime.timedelta(seconds=timeout))
+    _register_teardown()
     return info
+
+
+# --------------------------------------------------------------------------- teardown
+
+_EXIT = {"registered": False, "failed": False, "pid": None}
+
+
+def mark_failed() -> None:
+    """This process is ending after an error: leave the process group to the OS at exit."""
+    _EXIT["failed"] = True
+
+
+def _register_teardown() -> None:
+    if _EXIT["registered"]:
+        return
+    _EXIT.update(registered=True, pid=os.getpid())
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):  # an uncaught exception: not a clean exit
+        mark_failed()
+        previous(kind, value, tb)
+
+    sys.excepthook = hook
+    atexit.register(_teardown_at_exit)
+
+
+def _teardown_at_exit() -> None:
+    if os.getpid() != _EXIT["pid"]:  # a forked child inherited the handler, not the group
+        return
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if _EXIT["failed"] and dist.get_world_size() > 1:
+        return
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 -- at exit, nothing left to report to
+        pass
+
+
+def shutdown(wait_all: bool = False) -> None:
+    """Destroy the process group now (a no-op without one); ``wait_all``: first a barrier, so that no
+    rank leaves before every rank got here (e.g. before rank 0 wrote a completion marker)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait_all:
+        barrier()
+    dist.destroy_process_group()
+
+
+def exit_on_peer_failure(fn: Callable, *args):
+    """``fn(*args)``; if a peer rank died (``PeerFailure``), print the message and leave at once with
+    status 1: interpreter shutdown would tear down a process group whose peer is gone, which can
+    block, and every checkpoint on disk is already complete (atomic writes)."""
+    try:
+        return fn(*args)
+    except PeerFailure as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        os._exit(1)
 
 
 def rank() -> int:
@@ -145,7 +218,3 @@ def all_ok(ok: bool) -> bool:
     dist.all_reduce(t)
     return int(t.item()) == 0
 
-
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

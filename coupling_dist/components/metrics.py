@@ -2,9 +2,9 @@
 
 MFU = achieved model FLOP/s per device / peak FLOP/s per device. The peak is ``train.peak_flops``
 when set (e.g. 989e12 for an H100's dense bf16), otherwise this machine's *measured* dense GEMM
-rate in the training dtype, measured once by rank 0 and cached in
-``$COUPLING_DIST_CACHE/gemm_peak.json`` keyed by device name, dtype and thread count (on CPU the
-rate depends on the threads a rank uses). Model FLOPs come from the task (``flops_per_sample``:
+rate in the training dtype, measured once by rank 0 and cached in ``gemm_peak.json`` in the cache
+directory (``components.paths``), keyed by device name, dtype and thread count (on CPU the rate
+depends on the threads a rank uses). Model FLOPs come from the task (``flops_per_sample``:
 e.g. {"student": f, "teacher": f}, training FLOPs per sample), so MFU is reported per part and in
 total; recomputation (activation checkpointing) is deliberately not counted, as usual for MFU.
 """
@@ -18,11 +18,10 @@ from typing import Optional
 
 import torch
 
+from .atomic import write_json
+from .paths import cache_dir
+
 _MEMO: dict = {}
-
-
-def cache_dir() -> str:
-    return os.environ.get("COUPLING_DIST_CACHE", os.path.expanduser("~/.cache/coupling_dist"))
 
 
 def device_name(device: torch.device) -> str:
@@ -77,11 +76,7 @@ def measure_gemm_flops(device: Optional[torch.device] = None, dtype: torch.dtype
     if use_cache:
         table[key] = flops
         try:
-            os.makedirs(cache_dir(), exist_ok=True)
-            tmp = f"{path}.tmp.{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(table, fh, indent=1)
-            os.replace(tmp, path)
+            write_json(path, table)
         except OSError:  # a read-only cache only costs a re-measurement next time
             pass
     return flops

@@ -16,10 +16,11 @@ Schedule (``k`` = number of optimizer steps already taken, i.e. LambdaLR's ``las
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
+
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     """Biases, norm gains and other vectors/scalars are not decayed (decaying a norm gain toward 0
@@ -87,8 +88,3 @@ def scheduler_factory(cfg):
     so the schedule writes the lr into the groups that are really used."""
     fn = LRLambda.from_config(cfg)
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
-
-
-def lr_values(cfg, ks: Iterable[int]) -> list[float]:
-    fn = LRLambda.from_config(cfg)
-    return [cfg.lr * fn(k) for k in ks]

@@ -27,14 +27,15 @@ import time
 from typing import Callable, Optional
 
 from . import dist as D
+from .faults import ENV as FAULT_ENV
 from .logging import get_logger
+from .preflight import PreflightError
 
 LOG = get_logger("ray")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Environment that actors need to behave like the driver (offline hub, caches, fault hooks in tests).
+# Environment that actors need to behave like the driver (offline hub, caches, test fault injection).
 FORWARDED_ENV = ("COUPLING_DIST_CACHE", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "WANDB_MODE", "TOKENIZERS_PARALLELISM",
-                 "COUPLING_DIST_TIMEOUT_S", "COUPLING_DIST_MIN_FREE_MB")
-FAULT_PREFIX = "COUPLING_DIST_FAULT_"  # test fault hooks, forwarded so that they reach the actors
+                 "COUPLING_DIST_TIMEOUT_S", "COUPLING_DIST_MIN_FREE_MB", FAULT_ENV)
 JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
@@ -43,7 +44,6 @@ def worker_env(threads: int = 1) -> dict:
            "OMP_NUM_THREADS": str(max(1, threads)), "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     env.update({k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})
-    env.update({k: v for k, v in os.environ.items() if k.startswith(FAULT_PREFIX)})
     return env
 
 
@@ -92,23 +92,25 @@ class _RankActor:
     def run(self, fn: Callable, cfg, rank: int, world: int, addr: str, port: int, threads: int) -> dict:
         import torch
 
-        from ..cli import PreflightError
-
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR=addr, MASTER_PORT=str(port), COUPLING_DIST_LAUNCHER="ray")
         torch.set_num_threads(max(1, threads))
         try:
-            return {"rank": rank, "status": 0, "summary": fn(cfg)}
+            out = {"rank": rank, "status": 0, "summary": fn(cfg)}
         except SystemExit as e:  # preemption (checkpointed: 143/138) or a stage's own exit status
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
             ok = code == 0 or code in D.PREEMPT_EXIT_CODES
-            return {"rank": rank, "status": code, "summary": None, "error": None if ok else str(e)}
+            out = {"rank": rank, "status": code, "summary": None, "error": None if ok else str(e)}
         except PreflightError as e:
-            return {"rank": rank, "status": 2, "summary": None, "error": str(e)}
+            out = {"rank": rank, "status": 2, "summary": None, "error": str(e)}
         except Exception as e:  # noqa: BLE001 -- reported with the rank, the job exits non-zero
-            return {"rank": rank, "status": 1, "summary": None, "error": f"{type(e).__name__}: {e}"}
-        finally:
+            out = {"rank": rank, "status": 1, "summary": None, "error": f"{type(e).__name__}: {e}"}
+        # The actor process outlives this call (the driver kills it, so no atexit handler runs):
+        # leave the group here, by the same rule as dist's exit handler (after an error a peer may
+        # still be inside a collective; the group then goes with the process).
+        if out["status"] == 0 or out["status"] in D.PREEMPT_EXIT_CODES or world == 1:
             D.shutdown()
+        return out
 
 
 def launch_ranks(cfg, fn: Callable, world: int, stage: str) -> list[dict]:

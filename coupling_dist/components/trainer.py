@@ -16,7 +16,7 @@ The task protocol (duck-typed; Stage B implements the same methods)::
     optional: mpu (DeepSpeed/megatron mpu object, for TP groups), tokens_in_batch(batch) -> int,
               ds_config_overrides (dict merged into the DeepSpeed config), export(trainer, out_dir),
               tp_partition_dims() -> {param name: split dim} of the TP-split parameters (makes the
-              checkpoints resumable at another TP size: ``components/tp_reshape.py``)
+              checkpoints resumable at another TP size: ``distributed/tp_reshape.py``)
 
 ``loss``/``eval_metrics`` run inside the DeepSpeed engine's forward (through a thin wrapper
 module), so ZeRO-3's parameter gathering hooks fire exactly as for a normal forward; they receive
@@ -41,16 +41,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..distributed.tp_reshape import layout_meta, universal_info
 from . import dist as D
-from .dist import PREEMPT_SIGNALS, exit_code_for
 from .checkpoint import CheckpointManager, find_resume, rng_state, seed_everything, set_rng_state
+from .dist import PREEMPT_SIGNALS, exit_code_for
 from .ema import EMA
 from .logging import MetricsLogger, get_logger, progress
 from .metrics import Throughput, measure_gemm_flops
 from .optim import build_optimizer, scheduler_factory
-from .tp_reshape import layout_meta, universal_info
 
 LOG = get_logger("trainer")
+
+
 @dataclasses.dataclass
 class TrainResult:
     step: int

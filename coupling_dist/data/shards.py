@@ -21,10 +21,12 @@ import os
 import tarfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import zstandard
+
+from ..components.atomic import write_bytes, write_json
 
 FORMAT = "coupling_dist.shards/1"
 SUFFIX = ".npy.zst"
@@ -121,42 +123,13 @@ def shard_bytes(samples: Iterable[dict], level: int = ZSTD_LEVEL) -> bytes:
     return buf.getvalue()
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
 def write_shard(path: str, samples: Iterable[dict], level: int = ZSTD_LEVEL) -> dict:
     """Write one shard atomically; returns {name, count, bytes, sha256}."""
     samples = list(samples)
     data = shard_bytes(samples, level)
-    atomic_write_bytes(path, data)
+    write_bytes(path, data)
     return {"name": os.path.basename(path), "count": len(samples), "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def write_json_atomic(path: str, obj) -> None:
-    """Temp name in the same directory, fsync, rename: readers see the old file or the new one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def sha256_file(path: str) -> str:
@@ -315,7 +288,7 @@ class Manifest:
         path = self.path(dir_or_file)
         d = self.to_dict()
         d["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        atomic_write_json(path, d)
+        write_json(path, d)
         return path
 
     @classmethod

@@ -10,15 +10,18 @@ the sampling path imports this module.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
 from ..components import dist as D
+from ..components.preflight import PreflightError
 from . import megatron_shim
 
 
-class ParallelLayoutError(ValueError):
-    pass
+class ParallelLayoutError(PreflightError):
+    """The requested TP size does not fit the world (raised before any work)."""
 
 
 class MegatronMPU:
@@ -100,16 +103,9 @@ def init_parallel(tp: int, seed: int = 0) -> MegatronMPU:
         if have != tp:
             raise ParallelLayoutError(f"model parallel already initialised with TP {have}, asked for stage_b.tp = {tp}")
     else:
-        timeout_min = max(1, int(float(__import__("os").environ.get("COUPLING_DIST_TIMEOUT_S", "300")) // 60))
+        timeout_min = max(1, int(float(os.environ.get("COUPLING_DIST_TIMEOUT_S", "300")) // 60))
         # gloo groups are the default groups on CPU already; megatron's extra gloo copies are not needed
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, distributed_timeout_minutes=timeout_min,
                                      create_gloo_process_groups=torch.cuda.is_available())
     model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
     return MegatronMPU()
-
-
-def destroy_parallel() -> None:
-    from megatron.core import parallel_state as ps
-
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()

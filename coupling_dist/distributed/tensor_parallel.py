@@ -17,7 +17,7 @@ gradients to 1e-5). Everything else (``in_proj``, ``pos_emb``, norms) stays repl
 gradients are identical on every TP rank because the parallel layers all-reduce the input gradients.
 
 ``partition_dims(model)`` names the split tensors and their dims for a plain or a TP model alike
-(saved with checkpoints so a run resumes at another TP size: ``components/tp_reshape.py``).
+(saved with checkpoints so a run resumes at another TP size: ``distributed/tp_reshape.py``).
 ``gather_full_state_dict(model[, state_dict])`` reassembles TP = 1 tensors (collective in the TP
 group) for export, for EMA weights, and for restarting at another TP size via
 ``shard_state_dict(full, model)``. megatron-core is imported lazily: only the training path uses
@@ -77,7 +77,8 @@ def _no_init(_w):
     return None
 
 
-def _split(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+def shard_slice(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    """Rank ``rank``'s contiguous 1/``size`` of ``t`` along ``dim`` (a copy): how every TP split is cut."""
     n = t.shape[dim]
     if n % size:
         raise ValueError(f"dimension {dim} of size {n} is not divisible by the TP size {size}")
@@ -118,20 +119,20 @@ def apply_tensor_parallel(model: nn.Module, tp_group) -> nn.Module:
                 new = cls["column"](old.in_features, old.out_features, config=config, init_method=_no_init,
                                     bias=old.bias is not None, gather_output=False, skip_bias_add=False,
                                     tp_group=tp_group)
-                new.weight.copy_(_split(old.weight, 0, rank, size))
+                new.weight.copy_(shard_slice(old.weight, 0, rank, size))
                 if old.bias is not None:
-                    new.bias.copy_(_split(old.bias, 0, rank, size))
+                    new.bias.copy_(shard_slice(old.bias, 0, rank, size))
             elif kind == "row":
                 new = cls["row"](old.in_features, old.out_features, config=config, init_method=_no_init,
                                  bias=old.bias is not None, input_is_parallel=True, skip_bias_add=False,
                                  tp_group=tp_group)
-                new.weight.copy_(_split(old.weight, 1, rank, size))
+                new.weight.copy_(shard_slice(old.weight, 1, rank, size))
                 if old.bias is not None:
                     new.bias.copy_(old.bias)
             else:
                 new = cls["embed"](old.num_embeddings, old.embedding_dim, init_method=_no_init, config=config,
                                    tp_group=tp_group)
-                new.weight.copy_(_split(old.weight, 0, rank, size))
+                new.weight.copy_(shard_slice(old.weight, 0, rank, size))
         dims = dict(DIMS[kind])
         new.to(old.weight.device)
         new.train(old.training)
@@ -229,5 +230,5 @@ def shard_state_dict(full: dict, model: nn.Module) -> dict:
         if name not in full:
             raise KeyError(f"full state dict lacks '{name}'")
         dim = layout.get(name)
-        out[name] = full[name] if (size == 1 or dim is None) else _split(full[name], dim, rank, size)
+        out[name] = full[name] if (size == 1 or dim is None) else shard_slice(full[name], dim, rank, size)
     return out

@@ -5,8 +5,9 @@
 - Each actor loads the scorer once, in its constructor, and then serves many batches.
 - The driver tokenizes, cuts chunks, sorts them by length and fixes the batches *before*
   scheduling (``scorer.ScoringPlan``); actors only run forward passes. Batches are handed out
-  dynamically (``ray.util.ActorPool``), but results are keyed by batch id and summed in text
-  order, so the metrics are identical whatever the number of actors.
+  dynamically by the shared fault-tolerant pool (``components.ray_pool``: a dead actor is
+  restarted and its batch retried), but results are keyed by batch id and summed in text order,
+  so the metrics are identical whatever the number of actors or failures.
 - ``ray.init``: to ``ray.address`` when given (an existing cluster, e.g. "auto" under
   ``ray job submit``), else a local instance bound to loopback.
 """
@@ -16,25 +17,12 @@ import os
 import time
 from typing import Optional, Sequence
 
+from ..components import faults
 from ..components.logging import get_logger
+from ..components.ray_pool import ActorPool
 from .scorer import ScoringPlan, aggregate
 
 log = get_logger("evaluate.pool")
-
-
-FAULT_ENV = "COUPLING_DIST_FAULT_EVALUATE"  # forwarded to actors (ray_launch.FAULT_PREFIX)
-
-
-def _fault_hook(batch_id: int) -> None:
-    """Test-only: ``COUPLING_DIST_FAULT_EVALUATE=<batch id>:<marker path>`` kills the actor process
-    the first time it scores that batch (a real crash; the marker file makes the retry succeed)."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec or int(spec.split(":", 1)[0]) != batch_id:
-        return
-    marker = spec.split(":", 1)[1]
-    if not os.path.exists(marker):
-        open(marker, "w").close()
-        os._exit(1)
 
 
 class _ScorerActor:
@@ -56,11 +44,14 @@ class _ScorerActor:
         return {"pid": os.getpid(), "device": self.device, "load_seconds": self.load_seconds, "calls": self.calls,
                 "context": context_length(self.model)}
 
+    def ping(self) -> int:
+        return os.getpid()
+
     def score(self, batch_id: int, chunks: list, eos_id: int, protocol: str):
         from .scorer import score_chunk_batch
 
         self.calls += 1
-        _fault_hook(batch_id)
+        faults.point("evaluate.batch", batch=batch_id)
         return batch_id, score_chunk_batch(self.model, chunks, eos_id, protocol, self.device)
 
 
@@ -73,32 +64,26 @@ class ScorerPool:
 
         from ..components.ray_launch import init_ray
 
-        self._started = init_ray(address, num_actors * cpus_per_actor)
+        started = init_ray(address, num_actors * cpus_per_actor)
         gpus = int(ray.cluster_resources().get("GPU", 0))
         self.use_gpu = gpus > 0
         n = gpus if self.use_gpu else int(num_actors)
-        # A dead actor (crash, lost node) is restarted -- its constructor reloads the scorer -- and
-        # its in-flight batch retried; batches are fixed before scheduling, so the result is unchanged.
-        remote = ray.remote(max_restarts=max_retries, max_task_retries=max_retries)(_ScorerActor)
         opts = {"num_gpus": 1, "num_cpus": cpus_per_actor} if self.use_gpu else {"num_cpus": cpus_per_actor}
-        threads = max(1, int(cpus_per_actor))
-        self.actors = [remote.options(**opts).remote(scorer_ref, self.use_gpu, threads) for _ in range(n)]
-        self.info = ray.get([a.info.remote() for a in self.actors])  # waits for every model load
+        self.pool = ActorPool(_ScorerActor, (scorer_ref, self.use_gpu, max(1, int(cpus_per_actor))), n, options=opts,
+                              max_retries=max_retries, owns_ray=started)
+        self.info = self.pool.call_all("info")  # waits for every model load
         log.info("scorer pool: %d %s actor(s) loaded '%s'", n, "GPU" if self.use_gpu else "CPU", scorer_ref)
         self.max_len = int(self.info[0]["context"])
 
     @property
     def num_actors(self) -> int:
-        return len(self.actors)
+        return len(self.pool)
 
     def run_plan(self, plan: ScoringPlan) -> list[dict]:
-        from ray.util import ActorPool
-
-        pool = ActorPool(self.actors)
         results = {}
-        payloads = plan.batch_payloads()
-        for batch_id, res in pool.map_unordered(
-                lambda a, p: a.score.remote(p[0], p[1], plan.eos_id, plan.protocol), payloads):
+        for _, (batch_id, res) in self.pool.map_unordered(
+                "score", plan.batch_payloads(), args=lambda p: (p[0], p[1], plan.eos_id, plan.protocol),
+                label=lambda p: f"scoring batch {p[0]}"):
             results[batch_id] = res
         return plan.per_text(results)
 
@@ -113,13 +98,7 @@ class ScorerPool:
         return out
 
     def close(self) -> None:
-        import ray
-
-        for a in self.actors:
-            ray.kill(a)
-        self.actors = []
-        if self._started:
-            ray.shutdown()
+        self.pool.close()
 
     def __enter__(self):
         return self

@@ -20,6 +20,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..components.atomic import write_path, write_with  # noqa: E402
+
 # (label, Gen-PPL, entropy in bits) — published LM1B one-step figures (DESIGN.md §1).
 REPORTED_LM1B = [
     ("Coupling (paper) τ=0.50", 45.82, 3.61),
@@ -33,15 +35,6 @@ REPORTED_LM1B = [
 CSV_COLUMNS = ["name", "kind", "protocol", "temperature", "latent_scale", "top_p", "steps", "num_texts", "gen_ppl",
                "entropy", "entropy_unit", "mean_length", "mean_scorer_tokens", "distinct_1", "distinct_2",
                "distinct_3", "distinct_4", "scored_tokens", "bad_lines", "sample_seconds", "score_seconds"]
-
-
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", newline="") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _clean(v):
@@ -61,7 +54,7 @@ def write_results(out_dir: str, results: dict) -> str:
             return [clean(v) for v in o]
         return _clean(o)
 
-    _atomic_write(path, lambda fh: json.dump(clean(results), fh, indent=2, sort_keys=True))
+    write_with(path, lambda fh: json.dump(clean(results), fh, indent=2, sort_keys=True))
     return path
 
 
@@ -74,7 +67,7 @@ def write_csv(out_dir: str, rows: list[dict]) -> str:
         for r in rows:
             wr.writerow({k: _clean(r.get(k)) for k in CSV_COLUMNS})
 
-    _atomic_write(path, w)
+    write_with(path, w)
     return path
 
 
@@ -116,10 +109,8 @@ def plot_frontier(out_dir: str, rows: list[dict], protocol: str, title: Optional
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     path = os.path.join(out_dir, "frontier.png")
-    tmp = os.path.join(out_dir, f".frontier.{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
+    write_path(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

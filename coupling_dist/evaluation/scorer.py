@@ -45,7 +45,7 @@ def _gguf_split(path: str) -> Optional[tuple[str, str]]:
 def load_scorer_tokenizer(ref: str):
     from transformers import AutoTokenizer
 
-    from ..assets import load_tokenizer, resolve
+    from ..components.assets import load_tokenizer, resolve
 
     g = _gguf_split(resolve(ref))
     if g is None:
@@ -59,7 +59,7 @@ def load_scorer_tokenizer(ref: str):
 def load_scorer_model(ref: str, device="cpu", dtype: Optional[torch.dtype] = None):
     from transformers import AutoModelForCausalLM
 
-    from ..assets import resolve
+    from ..components.assets import resolve
 
     path = resolve(ref)
     g = _gguf_split(path)

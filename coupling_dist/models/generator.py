@@ -20,13 +20,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from ..components.atomic import write_dir
 from .layers import Transformer, transformer_flops_per_token
 
 FORMAT_VERSION = 1
@@ -64,7 +63,6 @@ class Generator(nn.Module):
                                  act=a["act"], backend=a["attention"])
         self.head = nn.Linear(self.width, self.vocab_size, bias=False)
         nn.init.normal_(self.head.weight, std=self.width ** -0.5)
-        self.activation_checkpointing = False
 
     def hidden(self, z: torch.Tensor, x_t: Optional[torch.Tensor] = None) -> torch.Tensor:
         """z [B, T, d] (x_t [B, T] long for the masked kind) -> final-normed hidden [B, T, width]."""
@@ -76,12 +74,6 @@ class Generator(nn.Module):
             if x_t is None:  # sampling's first step / one-step decoding: everything masked
                 x_t = torch.full(z.shape[:2], self.mask_token_id, dtype=torch.long, device=z.device)
             x = x + self.tok_emb(x_t)
-        if self.activation_checkpointing and self.training:
-            from torch.utils.checkpoint import checkpoint
-
-            for block in self.trunk.blocks:
-                x = checkpoint(block, x, use_reentrant=False)
-            return self.trunk.norm(x)
         return self.trunk(x)
 
     def forward(self, z: torch.Tensor, x_t: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -98,30 +90,6 @@ class Generator(nn.Module):
 
 
 # --------------------------------------------------------------------------- export / load
-
-
-def _atomic_dir(out_dir: str, write) -> str:
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp.", dir=parent)
-    try:
-        write(tmp)
-        for f in os.listdir(tmp):
-            with open(os.path.join(tmp, f), "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if os.path.exists(out_dir):  # replace: move the old one aside first, then drop it
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old.", dir=parent)
-            os.rmdir(old)
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
 
 
 def export_generator(model_or_state, cfg: Any, meta: dict, out_dir: str) -> str:
@@ -151,7 +119,7 @@ def export_generator(model_or_state, cfg: Any, meta: dict, out_dir: str) -> str:
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
             json.dump(conf, fh, indent=2, default=str)
 
-    return _atomic_dir(out_dir, write)
+    return write_dir(out_dir, write)
 
 
 def read_export_config(export_dir: str) -> dict:

@@ -150,17 +150,28 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of blocks plus a final norm; input/output [B, T, dim]."""
+    """A stack of blocks plus a final norm; input/output [B, T, dim].
+
+    ``checkpoint_blocks`` (set by ``distributed.parallelize.apply_activation_checkpointing``): in
+    training with autograd on, each block's activations are recomputed in backward instead of kept
+    (non-reentrant ``torch.utils.checkpoint``: works under DeepSpeed ZeRO and megatron TP layers)."""
 
     def __init__(self, dim: int, depth: int, heads: int, ffn: int, *, norm: str = "rmsnorm", act: str = "swiglu",
                  backend: str = "auto"):
         super().__init__()
         self.blocks = nn.ModuleList(Block(dim, heads, ffn, norm=norm, act=act, backend=backend) for _ in range(depth))
         self.norm = make_norm(norm, dim)
+        self.checkpoint_blocks = False
 
     def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
+        recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, key_mask, causal)
+            if recompute:
+                from torch.utils.checkpoint import checkpoint
+
+                x = checkpoint(block, x, key_mask, causal, use_reentrant=False)
+            else:
+                x = block(x, key_mask, causal)
         return self.norm(x)
 
 

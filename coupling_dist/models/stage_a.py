@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import StageAConfig
+from ..data.dtypes import from_stored
 from .layers import Transformer, transformer_flops_per_token
 from .realnvp import RealNVP, safe_key_mask, sinusoidal_positions
 from .tarflow import TarFlow
@@ -43,13 +44,6 @@ def build_flow(dim: int, fc) -> nn.Module:
         raise ValueError(f"stage_a.flow.kind '{fc.kind}' is not one of realnvp|tarflow")
     return cls(dim, layers=fc.layers, hidden=fc.hidden, depth=fc.depth, heads=fc.heads,
                ffn=getattr(fc, "ffn", None), scale_bound=fc.scale_bound)
-
-
-def features_to_float(features: torch.Tensor) -> torch.Tensor:
-    """Shard features may be float16, float32, or bfloat16 stored as uint16 bit patterns."""
-    if features.dtype in (torch.uint16, torch.int16):
-        return features.view(torch.bfloat16).float()
-    return features.float()
 
 
 class StageAModel(nn.Module):
@@ -90,7 +84,7 @@ class StageAModel(nn.Module):
         s = s2 = None
         n = 0
         for feats, mask in batches:
-            x = features_to_float(feats).double()[mask.bool()]
+            x = from_stored(feats).double()[mask.bool()]
             s = x.sum(0) if s is None else s + x.sum(0)
             s2 = x.pow(2).sum(0) if s2 is None else s2 + x.pow(2).sum(0)
             n += x.shape[0]
@@ -101,7 +95,7 @@ class StageAModel(nn.Module):
         return mean.float(), std.float()
 
     def normalize(self, features: torch.Tensor) -> torch.Tensor:
-        x = features_to_float(features).to(self.feat_mean.dtype)
+        x = from_stored(features).to(self.feat_mean.dtype)
         return ((x - self.feat_mean) / self.feat_std).to(self.proj.weight.dtype)
 
     # ------------------------------------------------------------------ the coupling

@@ -11,23 +11,16 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from typing import Optional
 
-import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import StageAConfig, _build
+from ..components.atomic import write_dir
+from ..config import StageAConfig, section_from_dict
 from .stage_a import StageAModel
 
 FORMAT = "coupling_dist.stage_a/1"
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
-
-
-def _fsync_file(path: str) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
 
 
 def export_stage_a(model: StageAModel, out_dir: str, meta: Optional[dict] = None,
@@ -42,27 +35,13 @@ def export_stage_a(model: StageAModel, out_dir: str, meta: Optional[dict] = None
                   latent_dim=model.latent_dim,
                   feature_stats={"mean": tensors["feat_mean"].tolist(), "std": tensors["feat_std"].tolist(),
                                  "set": bool(tensors["feat_stats_set"].item())})
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+
+    def write(tmp: str) -> None:
         save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": FORMAT})
         with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as fh:
             json.dump(config, fh, indent=2, sort_keys=True)
-        for f in (WEIGHTS, CONFIG):
-            _fsync_file(os.path.join(tmp, f))
-        old = None
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rename(out_dir, os.path.join(old, "x"))
-        os.rename(tmp, out_dir)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return write_dir(out_dir, write)
 
 
 def read_meta(art_dir: str) -> dict:
@@ -94,7 +73,7 @@ def load_stage_a(art_dir: str, device="cpu") -> tuple[StageAModel, dict]:
     wpath = os.path.join(art_dir, WEIGHTS)
     if not os.path.isfile(wpath):
         raise FileNotFoundError(f"Stage A artifact incomplete: {wpath} is missing")
-    cfg = _build(StageAConfig, meta["stage_a"], "stage_a", os.path.join(art_dir, CONFIG))
+    cfg = section_from_dict(StageAConfig, meta["stage_a"], "stage_a", os.path.join(art_dir, CONFIG))
     model = StageAModel(int(meta["feature_dim"]), int(meta["vocab_size"]), cfg)
     state = load_file(wpath, device="cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -35,6 +35,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from .tensor_parallel import shard_slice
+
 TP_LAYOUT = "tp_layout.json"
 RESHAPE_ZERO_STAGES = (1, 2)  # ds_to_universal + load_universal with TP slices: ZeRO 1/2 optimizers
 
@@ -120,13 +122,6 @@ def check_shapes(ckpt: str, saved: dict, current: dict) -> None:
                 f"resume it at TP {saved['mp_world']}")
 
 
-def _cut(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
-    n = t.shape[dim]
-    if n % size:
-        raise ValueError(f"dimension {dim} of size {n} is not divisible by the TP size {size}")
-    return t.narrow(dim, rank * (n // size), n // size).clone()
-
-
 def reshard_ema(files: Iterable[str], saved: dict, mp_rank: int, mp_world: int, wanted: Optional[set] = None,
                 load=None) -> list[dict]:
     """EMA shards (``ema_rank*.pt`` of a checkpoint saved at TP ``saved['mp_world']``) re-cut for TP
@@ -154,5 +149,5 @@ def reshard_ema(files: Iterable[str], saved: dict, mp_rank: int, mp_world: int, 
         if lost:
             raise KeyError(f"EMA tensor '{name}': no shard of TP rank(s) {lost} in the checkpoint")
         full = torch.cat([parts[r] for r in range(src)], dim) if src > 1 else parts[0]
-        out[name] = full if mp_world == 1 else _cut(full, dim, mp_rank, mp_world)
+        out[name] = full if mp_world == 1 else shard_slice(full, dim, mp_rank, mp_world)
     return [{"shadow": out, "num_updates": num_updates, "decay": decay}]

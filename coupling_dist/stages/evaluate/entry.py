@@ -1,0 +1,198 @@
+"""``python -m coupling_dist.evaluate --config FILE [overrides]``: score samples with a causal LM.
+
+Writes ``run.dir/eval/results.json``, ``results.csv`` and ``frontier.png`` (see
+``evaluation.report``). Rows:
+- ``file``: the sample file ``evaluate.samples`` (a path or glob; default
+  ``run.dir/sample/samples.jsonl`` when it exists); bad lines are reported with line numbers and
+  counted (``evaluation.samples_file``);
+- ``sweep`` (``evaluate.sweep``, needs the generator export): for every combination of
+  ``evaluate.steps`` x ``latent_scales`` x ``top_ps`` x ``temperatures``, draw
+  ``evaluate.num_samples`` samples (seed ``sample.seed``) and score them; the samples are kept
+  under ``run.dir/eval/samples/``. K > 1 applies only to masked denoisers (skipped, and said so,
+  for a one-step export);
+- ``reference``: real held-out text: ``evaluate.reference`` when set, else the held-out split of
+  the preprocessed shard set (tokens decoded with the data tokenizer).
+
+Scoring runs on a Ray actor pool (``evaluation.pool``): ``evaluate.num_actors`` CPU actors, or one
+per GPU on a GPU cluster; ``ray.address`` selects an existing cluster.
+"""
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import os
+import time
+
+from ...components import paths as run_paths
+from ...components.logging import get_logger, setup_logging
+from ...evaluation import report
+from ...evaluation.samples_file import SampleFile, read_reference_file, read_samples
+from ...sampling import generate as G
+
+log = get_logger("evaluate")
+STAGE = "eval"
+
+
+def sample_paths(cfg) -> list[str]:
+    spec = cfg.evaluate.samples
+    if spec is None:
+        default = run_paths.samples_file(cfg)
+        return [default] if os.path.isfile(default) else []
+    paths = sorted(glob.glob(spec)) if any(c in spec for c in "*?[") else [spec]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if not paths or missing:
+        raise FileNotFoundError(f"evaluate.samples: no sample file at '{missing[0] if missing else spec}'")
+    return paths
+
+
+def fill_gen_ids(sf: SampleFile, data_tok, max_tokens: int) -> None:
+    """Records without generator ids (foreign files, plain-text references) get the data
+    tokenizer's ids, cut at ``max_tokens`` like the generator's own sequences."""
+    for r in sf.records:
+        if r["ids"] is None:
+            ids = list(data_tok(r["text"], add_special_tokens=False)["input_ids"])
+            if len(ids) > max_tokens:
+                ids = ids[:max_tokens]
+                r["text"] = data_tok.decode(ids)
+            r["ids"] = ids
+
+
+def heldout_reference(cfg, data_tok, limit: int) -> SampleFile:
+    """Real held-out text from the preprocessed shard set (tokens up to the first EOS, decoded)."""
+    from ...data.loader import ShardLoader
+
+    src = run_paths.data_dir(cfg)
+    sf = SampleFile(os.path.join(src, "heldout"))
+    loader = ShardLoader(src, "heldout", global_batch_size=1, seed=cfg.run.seed, rank=0, world=1,
+                         fields=["tokens", "mask"])
+    eos = int(data_tok.eos_token_id)
+    n = min(limit, int(loader.steps_per_epoch))
+    for i, batch in enumerate(loader):
+        if i >= n:
+            break
+        toks, mask = batch["tokens"][0], batch["mask"][0]
+        ids, _ = G.truncate_at_eos(toks[mask.bool()].tolist(), eos)
+        sf.records.append({"line": None, "text": data_tok.decode(ids), "ids": ids, "index": i, "settings": None})
+    return sf
+
+
+def reference_set(cfg, data_tok):
+    e = cfg.evaluate
+    if e.reference:
+        sf = read_reference_file(e.reference, e.max_text_chars)
+        sf.records = sf.records[:e.reference_samples]
+        fill_gen_ids(sf, data_tok, cfg.data.seq_len - 1)
+        return sf, os.path.basename(e.reference)
+    if os.path.isfile(os.path.join(run_paths.data_dir(cfg), "manifest.json")):
+        return heldout_reference(cfg, data_tok, e.reference_samples), "heldout"
+    log.warning("no held-out shards at %s and no evaluate.reference: the reference point is omitted",
+                run_paths.data_dir(cfg))
+    return None, None
+
+
+def _score_row(pool, sf: SampleFile, scorer_tok, cfg, **cols) -> dict:
+    m = pool.score(sf.texts, sf.ids, scorer_tok, cfg.evaluate.protocol, cfg.evaluate.batch_size)
+    row = dict(cols)
+    row.update(m)
+    row["bad_lines"] = len(sf.problems)
+    return row
+
+
+def _log_problems(sf: SampleFile) -> None:
+    if sf.problems:
+        log.warning("%s: %d bad line(s) left out of the scores:", sf.path, len(sf.problems))
+        for p in sf.problems[:50]:
+            log.warning("  %s line %d: %s", sf.path, p["line"], p["reason"])
+
+
+def sweep_settings(cfg, kind: str):
+    e = cfg.evaluate
+    skipped = []
+    for k, ls, tp, t in itertools.product(e.steps, e.latent_scales, e.top_ps, e.temperatures):
+        if int(k) > 1 and kind != "masked":
+            skipped.append(f"steps={k}: export kind '{kind}' has no few-step sampler")
+            continue
+        yield dict(steps=int(k), latent_scale=float(ls), top_p=float(tp), temperature=float(t)), None
+    for s in sorted(set(skipped)):
+        yield None, s
+
+
+def run_sweep(cfg, pool, scorer_tok, out_dir: str) -> tuple[list[dict], list[str]]:
+    from ...components import dist as D
+    from ...components.assets import load_tokenizer
+    from ...components.atomic import write_jsonl
+
+    path = run_paths.sampling_export(cfg)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return [], [f"no generator export at {path}: sweep skipped"]
+    dev = D.device()
+    model, meta = G.load_export(path, dev)
+    tok = load_tokenizer(G.tokenizer_ref(meta, cfg))
+    rows, notes = [], []
+    os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
+    for over, note in sweep_settings(cfg, meta.get("kind", "onestep")):
+        if note:
+            notes.append(note)
+            continue
+        settings = G.settings_from_cfg(cfg, **over)
+        name = f"K{over['steps']}_s{over['latent_scale']:g}_p{over['top_p']:g}_t{over['temperature']:g}"
+        t0 = time.perf_counter()
+        recs = G.generate_records(model, meta, tok, range(cfg.evaluate.num_samples), settings,
+                                batch_size=cfg.sample.batch_size, device=dev)
+        dt = time.perf_counter() - t0
+        write_jsonl(os.path.join(out_dir, "samples", f"{name}.jsonl"), recs)
+        sf = SampleFile(name, records=recs)
+        row = _score_row(pool, sf, scorer_tok, cfg, name=name, kind="sweep", sample_seconds=dt, **over)
+        log.info("%s: Gen-PPL %.2f entropy %.3f %s", name, row["gen_ppl"], row["entropy"], row["entropy_unit"])
+        rows.append(row)
+    return rows, notes
+
+
+def main(cfg) -> dict:
+    from ...components.assets import load_tokenizer
+    from ...evaluation.pool import ScorerPool
+    from ...evaluation.scorer import load_scorer_tokenizer
+
+    out_dir = run_paths.stage_dir(cfg, "evaluate")
+    setup_logging(out_dir, 0)
+    e = cfg.evaluate
+    paths = sample_paths(cfg)
+    scorer_tok = load_scorer_tokenizer(e.scorer)
+    data_tok = load_tokenizer(cfg.data.tokenizer)
+    rows, files, notes = [], [], []
+    with ScorerPool(e.scorer, e.num_actors, cfg.ray.address, cfg.ray.num_cpus_per_worker, cfg.ray.max_retries) as pool:
+        for p in paths:
+            sf = read_samples(p, e.max_text_chars)
+            _log_problems(sf)
+            fill_gen_ids(sf, data_tok, cfg.data.seq_len)
+            files.append(sf.summary())
+            if not sf.records:
+                notes.append(f"{p}: no valid samples")
+                continue
+            st = (sf.records[0].get("settings") or {})
+            row = _score_row(pool, sf, scorer_tok, cfg, name=f"file:{os.path.basename(p)}", kind="file",
+                             **{k: st.get(k) for k in ("temperature", "latent_scale", "top_p", "steps")})
+            log.info("%s: Gen-PPL %.2f entropy %.3f %s (%d texts, %d bad lines)", p, row["gen_ppl"], row["entropy"],
+                     row["entropy_unit"], row["num_texts"], row["bad_lines"])
+            rows.append(row)
+        if e.sweep:
+            sweep_rows, sweep_notes = run_sweep(cfg, pool, scorer_tok, out_dir)
+            rows.extend(sweep_rows)
+            notes.extend(sweep_notes)
+        ref, ref_name = reference_set(cfg, data_tok)
+        if ref is not None and ref.records:
+            _log_problems(ref)
+            row = _score_row(pool, ref, scorer_tok, cfg, name=ref_name, kind="reference")
+            log.info("reference %s: Gen-PPL %.2f entropy %.3f %s", ref_name, row["gen_ppl"], row["entropy"],
+                     row["entropy_unit"])
+            rows.append(row)
+        actors = pool.num_actors
+    for n in notes:
+        log.warning(n)
+    extra = {"scorer": e.scorer, "num_actors": actors, "sample_files": files, "notes": notes,
+             "config": {"evaluate": cfg.to_dict()["evaluate"], "sample": cfg.to_dict()["sample"]}}
+    paths_out = report.write_all(out_dir, rows, e.protocol, extra)
+    log.info("wrote %s", json.dumps(paths_out))
+    return {"rows": len(rows), **paths_out}
+

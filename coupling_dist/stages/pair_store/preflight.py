@@ -1,0 +1,73 @@
+"""Pair-store pre-flight: everything a rank needs, validated before any work (pure reads, so every
+rank -- and the Ray driver -- may call ``prepare``). The Stage A artifact must fit the source shards
+(tokenizer, seq_len, feature width, vocabulary); otherwise ``PreflightError`` names both sides."""
+from __future__ import annotations
+
+import os
+
+from ...components.paths import data_dir, pair_store_dir, stage_a_artifact
+from ...components.preflight import PreflightError
+from ...config import Config
+from ...data.shard_job import fingerprint
+from ...data.source import DataMismatchError, describe_source
+from ...models.stage_a_export import artifact_hash, read_meta
+
+
+def check_artifact(meta: dict, info: dict, art: str, src_dir: str) -> None:
+    """Refuse an artifact made for other shards, naming both sides."""
+    src = os.path.join(src_dir, "manifest.json")
+    if info["feature_dim"] is None:
+        raise DataMismatchError(f"{src}: the source shards hold no 'features' field; the pair store encodes "
+                                f"stored features (rerun preprocess with encoder.model set)")
+    problems = []
+    a_tok, s_tok = meta.get("tokenizer") or {}, info["tokenizer"]
+    if a_tok.get("hash") != s_tok.get("hash"):
+        problems.append(f"tokenizer: artifact {a_tok.get('name')!r} (hash {a_tok.get('hash')}) vs shards "
+                        f"{s_tok.get('name')!r} (hash {s_tok.get('hash')})")
+    if int(meta.get("seq_len", -1)) != info["seq_len"]:
+        problems.append(f"seq_len: artifact {meta.get('seq_len')} vs shards {info['seq_len']}")
+    if int(meta.get("feature_dim", -1)) != info["feature_dim"]:
+        problems.append(f"feature width: artifact {meta.get('feature_dim')} vs shards {info['feature_dim']}")
+    if int(meta.get("vocab_size", -1)) != info["vocab_size"]:
+        problems.append(f"vocab_size: artifact {meta.get('vocab_size')} vs shards {info['vocab_size']}")
+    if problems:
+        raise DataMismatchError(f"Stage A artifact {art} does not match the source shards {src}: "
+                                + "; ".join(problems) + " (re-export Stage A for these shards, or point "
+                                "pair_store.artifact / data.out_dir at matching ones)")
+
+
+def source_plan(man) -> list[dict]:
+    """Every source shard (all splits) as {name, split, count, sha256}, in a fixed order."""
+    d = man if isinstance(man, dict) else man.to_dict()
+    out = []
+    for s in d.get("shards", []):
+        out.append({"name": os.path.basename(s["name"]), "split": s["split"], "count": int(s["count"]),
+                    "sha256": s.get("sha256")})
+    return sorted(out, key=lambda e: e["name"])
+
+
+def prepare(cfg: Config) -> dict:
+    """The validated work description every rank shares."""
+    try:
+        return _prepare(cfg)
+    except (FileNotFoundError, ValueError) as e:  # a missing or unreadable artifact / manifest
+        raise PreflightError(str(e)) from None
+
+
+def _prepare(cfg: Config) -> dict:
+    from ...data.shards import Manifest
+
+    src_dir, art = data_dir(cfg), stage_a_artifact(cfg)
+    meta = read_meta(art)
+    man = Manifest.load(src_dir)
+    info = describe_source(man, src_dir)
+    check_artifact(meta, info, art, src_dir)
+    plan = source_plan(man)
+    if not plan:
+        raise DataMismatchError(f"{os.path.join(src_dir, 'manifest.json')}: lists no shards")
+    ps = cfg.pair_store
+    settings = {"seed": cfg.run.seed, "multiplicity": ps.multiplicity, "dtype": ps.dtype, "batch_size": ps.batch_size}
+    src_hash = fingerprint([[e["name"], e.get("count"), e.get("sha256")] for e in plan])
+    return {"data_dir": src_dir, "artifact": art, "meta": meta, "info": info, "plan": plan,
+            "settings": settings, "artifact_hash": artifact_hash(art), "source_hash": src_hash,
+            "out_dir": pair_store_dir(cfg)}

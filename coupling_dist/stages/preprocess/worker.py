@@ -1,0 +1,96 @@
+"""Tokenize + encode + write one preprocessing shard per call. Runs as a Ray actor in the shared
+pool (``components.ray_pool``), or in-process (tests, the benchmark's single-process baseline).
+
+Per shard: tokenize -> append EOS -> pad/truncate to seq_len with a mask -> optional frozen-encoder
+forward (no_grad, ``output_hidden_states``, layer ``encoder.layer``, stored as ``encoder.dtype``,
+zero at pads) -> the shard and its sidecar through ``data.shard_job`` (atomic; the sidecar last).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+import numpy as np
+
+from ...components import assets, faults
+from ...data.dtypes import to_stored
+from ...data.shard_job import ShardJob
+
+
+class ShardWorker:
+
+    def __init__(self, tokenizer_ref: str, seq_len: int, out_dir: str, encoder: Optional[dict] = None,
+                 threads: int = 1, device: str = "cpu"):
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))  # fixed per worker: same kernels on every run
+        self.tok = assets.load_tokenizer(tokenizer_ref)
+        self.seq_len, self.job = int(seq_len), ShardJob(out_dir)
+        self.eos, self.pad = int(self.tok.eos_token_id), int(self.tok.pad_token_id)
+        self.enc = dict(encoder or {})
+        self.model = None
+        self.device = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        if self.enc.get("model"):
+            from transformers import AutoModel
+
+            path = assets.resolve(self.enc["model"])
+            # AutoModel = the bare backbone (no LM head: no [T, V] logits for hidden states we
+            # do not need); for a causal-LM checkpoint it loads the base model's weights.
+            self.model = AutoModel.from_pretrained(path, local_files_only=os.path.exists(path),
+                                                   dtype=torch.float32).to(self.device).eval()
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+
+    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+        """ids + EOS, then truncated/padded to seq_len: (tokens int32 [B, T], mask uint8 [B, T], #truncated)."""
+        T = self.seq_len
+        ids = self.tok(texts, add_special_tokens=False)["input_ids"]
+        tokens = np.full((len(texts), T), self.pad, dtype=np.int32)
+        mask = np.zeros((len(texts), T), dtype=np.uint8)
+        truncated = 0
+        for i, row in enumerate(ids):
+            row = list(row) + [self.eos]
+            truncated += len(row) > T
+            row = row[:T]
+            tokens[i, :len(row)] = row
+            mask[i, :len(row)] = 1
+        return tokens, mask, truncated
+
+    def encode(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        import torch
+
+        dtype, layer, bs = self.enc.get("dtype", "float16"), int(self.enc.get("layer", -1)), int(self.enc.get("batch_size", 64))
+        outs = []
+        with torch.no_grad():
+            for i in range(0, len(tokens), bs):
+                ids = torch.from_numpy(tokens[i:i + bs]).long().to(self.device)
+                m = torch.from_numpy(mask[i:i + bs]).long().to(self.device)
+                h = self.model(input_ids=ids, attention_mask=m, output_hidden_states=True).hidden_states[layer]
+                h = h.float() * m.unsqueeze(-1)  # pads are zero: they carry no information
+                outs.append(to_stored(h, dtype))
+        return np.concatenate(outs)
+
+    def build(self, keys: list[str], texts: list[str]) -> tuple[list[dict], int]:
+        tokens, mask, truncated = self.tokenize(texts)
+        feats = self.encode(tokens, mask) if self.model is not None else None
+        samples = []
+        for j, key in enumerate(keys):
+            s = {"__key__": key, "tokens": tokens[j], "mask": mask[j]}
+            if feats is not None:
+                s["features"] = feats[j]
+            samples.append(s)
+        return samples, truncated
+
+    def process(self, task: dict) -> dict:
+        faults.point("preprocess.shard", shard=task["name"])
+        t0 = time.perf_counter()
+        samples, truncated = self.build(task["keys"], task["texts"])
+        rec = self.job.write_shard(task["name"], samples)
+        return self.job.mark_done(rec, task["fingerprint"], split=task["split"], first_key=task["keys"][0],
+                                  last_key=task["keys"][-1], truncated=truncated,
+                                  tokens=int(sum(int(s["mask"].sum()) for s in samples)),
+                                  seconds=round(time.perf_counter() - t0, 3), pid=os.getpid())
+
+    def ping(self) -> int:
+        return os.getpid()

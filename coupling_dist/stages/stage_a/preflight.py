@@ -1,0 +1,45 @@
+"""Stage A pre-flight: the preprocessed shard set exists, holds encoder features of the width this
+config's encoder produces, made by that encoder and tokenized with ``data.tokenizer``; any
+mismatch raises ``PreflightError`` (exit status 2) before training."""
+from __future__ import annotations
+
+import os
+
+from ...components import assets
+from ...components.paths import data_dir
+from ...components.preflight import PreflightError, require_file
+from ...config import Config
+from .task import StageATask
+
+
+def preflight(cfg: Config) -> StageATask:
+    """Build the task, refusing shards that do not fit this config."""
+    src = data_dir(cfg)
+    manifest = os.path.join(src, "manifest.json")
+    require_file(manifest, "run `python -m coupling_dist.preprocess` first (or set data.out_dir to an existing "
+                           "shard set)")
+    try:
+        task = StageATask.from_data(cfg, src)
+    except (KeyError, ValueError) as e:
+        raise PreflightError(str(e)) from None
+    enc = task.meta.get("encoder") or {}
+    if cfg.encoder.model is not None:
+        want = assets.identity(cfg.encoder.model)
+        if enc.get("hash") and want["hash"] and enc["hash"] != want["hash"]:
+            raise PreflightError(f"{manifest}: features were made by encoder {enc.get('name')!r} (hash {enc['hash']}) "
+                                 f"but encoder.model is {cfg.encoder.model!r} (hash {want['hash']}); rerun preprocess")
+        hidden = _encoder_width(cfg.encoder.model)
+        if hidden is not None and hidden != task.feature_dim:
+            raise PreflightError(f"{manifest}: field 'features' has width {task.feature_dim} but encoder "
+                                 f"{cfg.encoder.model!r} has hidden size {hidden}; rerun preprocess")
+    return task
+
+
+def _encoder_width(ref: str):
+    try:
+        from transformers import AutoConfig
+
+        conf = AutoConfig.from_pretrained(assets.resolve(ref), local_files_only=True)
+    except (OSError, ValueError):  # no loadable config (e.g. hub id offline): the manifest check stands
+        return None
+    return getattr(conf, "hidden_size", None)

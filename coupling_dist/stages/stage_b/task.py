@@ -1,0 +1,165 @@
+"""Stage B as a Trainer task (protocol: ``components/trainer.py``).
+
+``StageBTask(cfg, info, dims)`` takes what the pre-flight checked (``preflight.checked_task_info``)
+and the parallel layout (``distributed.parallelize.build_parallel_dims``). The task then:
+
+- builds the plain generator (``models/generator.py``) and applies the parallel layout with
+  ``distributed.parallelize.parallelize`` (megatron-core TP layers when ``stage_b.tp > 1``,
+  activation checkpointing when ``stage_b.train.activation_checkpointing``); ``mpu`` hands the
+  TP x DP groups to DeepSpeed and the Trainer;
+- per training batch: picks one of the K stored latents per sample, replaces it with probability
+  ``latent_mix_prob`` by N(0, I) * ``latent_mix_scale`` (and, for the masked denoiser, draws the
+  mask time t ~ U(0, 1) and masks each position with probability t). These draws come from a
+  generator seeded by (run.seed, step, data-parallel rank), not from the global RNG: every TP rank
+  of a group must see the same inputs, and a resumed run replays them exactly;
+- loss = CE + lambda_KD * KD from ``losses.kd_loss`` (chunked, vocab-parallel under TP); the frozen
+  teacher (a HF causal LM, not part of the trained module, so neither DeepSpeed nor the EMA sees
+  it) runs its trunk on the ground-truth tokens and only its head *shard* enters the loss;
+- exports the EMA generator (full TP = 1 weights via ``gather_full_state_dict``) for sampling.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ...components import dist as D
+from ...components import faults
+from ...config import Config
+from ...distributed.parallelize import ParallelDims, parallelize
+from ...losses.kd_loss import sequence_loss
+from ...models.generator import Generator, export_generator
+from ...models.teacher import load_teacher, teacher_flops_per_token
+
+
+class StageBTask:
+    def __init__(self, cfg: Config, info: dict, dims: Optional[ParallelDims] = None):
+        self.cfg, self.info = cfg, info
+        self.dims = dims or ParallelDims()
+        self.mpu = self.dims.mpu  # the model-parallel groups DeepSpeed and the Trainer read
+        self.model: Optional[Generator] = None
+        self._teacher: Optional[nn.Module] = None
+
+    # ------------------------------------------------------------------ model
+
+    def build_model(self) -> nn.Module:
+        i = self.info
+        model = Generator(self.cfg.stage_b.model, i["latent_dim"], i["seq_len"], i["vocab_size"], i["mask_token_id"])
+        self.model = parallelize(model, self.dims,
+                                 activation_checkpointing=self.cfg.stage_b.train.activation_checkpointing)
+        return self.model
+
+    def tp_partition_dims(self) -> dict:
+        """Which parameters the TP layers split, along which dim (any TP size, 1 included): the
+        Trainer saves it with each checkpoint so a run resumes at another ``stage_b.tp``."""
+        from ...distributed.tensor_parallel import partition_dims
+
+        return partition_dims(self.model)
+
+    def teacher(self, device: torch.device) -> Optional[nn.Module]:
+        if self.info["teacher"] is None:
+            return None
+        if self._teacher is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            self._teacher = load_teacher(self.info["teacher"]["path"], device, dtype)
+        return self._teacher
+
+    # ------------------------------------------------------------------ batches
+
+    def _generator(self, step: int, salt: int) -> torch.Generator:
+        dp = self.dims.dp_rank
+        seed = (self.cfg.run.seed * 1_000_003 + step * 7919 + dp * 104_729 + salt) % (2**63 - 1)
+        return torch.Generator().manual_seed(seed)
+
+    def inputs(self, batch: dict, step: int, train: bool):
+        """(z [B, T, d] fp32, tokens [B, T] long, mask [B, T] bool, x_t or None, ce_mask [B, T] bool)."""
+        z_all = batch["z"]
+        if z_all.dim() == 3:  # a store without the multiplicity axis
+            z_all = z_all[:, None]
+        B, K = z_all.shape[:2]
+        dev = z_all.device
+        g = self._generator(step, 0 if train else 1)
+        k = torch.randint(0, K, (B,), generator=g) if (train and K > 1) else torch.zeros(B, dtype=torch.long)
+        z = z_all[torch.arange(B), k.to(dev)].float()
+        tokens, mask = batch["tokens"].long(), batch["mask"].bool()
+        sb = self.cfg.stage_b
+        if train and sb.latent_mix_prob > 0:
+            mix = torch.rand(B, generator=g) < sb.latent_mix_prob
+            noise = torch.randn(z.shape, generator=g) * sb.latent_mix_scale
+            z = torch.where(mix.to(dev)[:, None, None], noise.to(dev, z.dtype), z)
+        x_t, ce_mask = None, mask
+        if self.info["mask_token_id"] is not None:
+            t = torch.rand(B, 1, generator=g)
+            masked = (torch.rand(tokens.shape, generator=g) < t).to(dev) & mask
+            x_t = torch.where(masked, torch.full_like(tokens, self.info["mask_token_id"]), tokens)
+            ce_mask = masked
+        return z, tokens, mask, x_t, ce_mask
+
+    # ------------------------------------------------------------------ Trainer protocol
+
+    def _loss(self, model, batch: dict, step: int, train: bool):
+        from ...distributed.tensor_parallel import head_shard, tp_info
+
+        z, tokens, mask, x_t, ce_mask = self.inputs(batch, step, train)
+        h = model.hidden(z, x_t)
+        w, start, V = head_shard(model)
+        kd = self.cfg.stage_b.kd
+        teacher = self.teacher(h.device)
+        th = wt = None
+        if teacher is not None:
+            with torch.no_grad():
+                base = getattr(teacher, teacher.base_model_prefix)
+                th = base(input_ids=tokens, attention_mask=mask.long()).last_hidden_state.to(h.dtype)
+                wt = teacher.get_output_embeddings().weight[start:start + w.shape[0]].to(h.dtype)
+        size, _, group = tp_info(model)
+        total, ce, kdv = sequence_loss(h, tokens, ce_mask, w, teacher_hidden=th, teacher_weight=wt,
+                                       kd_mask=ce_mask if teacher is not None else None,
+                                       temperature=kd.temperature, label_smoothing=self.cfg.stage_b.label_smoothing,
+                                       lambda_kd=kd.weight if teacher is not None else 0.0, vocab_start=start,
+                                       vocab_size=V, tp_group=group if size > 1 else None,
+                                       chunk_rows=kd.chunk_positions, chunk_vocab=kd.chunk_vocab)
+        return total, {"ce": ce, "kd": kdv}
+
+    def loss(self, model, batch: dict, step: int):
+        faults.point("stage_b.step", step=step, rank=D.rank())  # tests: a real crash mid-step
+        return self._loss(model, batch, step, train=True)
+
+    @torch.no_grad()
+    def eval_metrics(self, model, batch: dict) -> dict:
+        total, parts = self._loss(model, batch, 0, train=False)
+        return {"loss": total, **parts}
+
+    def tokens_in_batch(self, batch: dict) -> int:
+        return int(batch["mask"].sum().item())
+
+    def flops_per_sample(self) -> dict:
+        i = self.info
+        gen = self.model or Generator(self.cfg.stage_b.model, i["latent_dim"], i["seq_len"], i["vocab_size"],
+                                      i["mask_token_id"])
+        out = {"student": gen.flops_per_sample(i["seq_len"])}
+        if i["teacher"] is not None:
+            out["teacher"] = teacher_flops_per_token(self.teacher(D.device()), i["seq_len"], i["vocab_size"]) * i["seq_len"]
+        return out
+
+    def export_meta(self) -> dict:
+        i = self.info
+        return {"latent_dim": i["latent_dim"], "seq_len": i["seq_len"], "vocab_size": i["vocab_size"],
+                "kind": self.cfg.stage_b.model.kind, "mask_token_id": i["mask_token_id"], "eos_id": i["eos_id"],
+                "pad_id": i["pad_id"], "tokenizer": i["tokenizer"], "tokenizer_vocab_size": i["tok_vocab"],
+                "teacher": (i["teacher"] or {}).get("identity"), "pair_store": os.path.abspath(i["store"])}
+
+    def export(self, trainer, out_dir: str) -> Optional[str]:
+        """Collective: every rank calls it. The EMA weights (or the live ones without EMA) are
+        gathered over DP (Trainer) and TP (here); global rank 0 writes the TP = 1 export."""
+        from ...distributed.tensor_parallel import gather_full_state_dict
+
+        sd = trainer.ema_state_dict() if trainer.ema is not None else trainer.full_state_dict()
+        full = gather_full_state_dict(self.model, sd) if sd is not None else None
+        path = None
+        if D.is_main():
+            meta = dict(self.export_meta(), train_step=int(trainer.step), weights="ema" if trainer.ema else "live")
+            path = export_generator(full, self.cfg.stage_b.model, meta, out_dir)
+        D.barrier()
+        return path
