@@ -153,3 +153,37 @@ def test_flops_per_sample_counts_the_vocab_head():
     big = StageAModel(H, 10 * V, tiny_cfg())
     diff = big.flops_per_sample(T) - small.flops_per_sample(T)
     assert diff == pytest.approx(3 * T * 2 * 16 * 9 * V)
+
+
+@pytest.mark.parametrize("kind", ["realnvp", "tarflow"])
+def test_activation_checkpointing_recomputes_blocks_with_the_same_gradients(kind, monkeypatch):
+    """stage_a.train.activation_checkpointing (applied by distributed.parallelize): every transformer
+    block (flow conditioners, decoder) runs again in backward, and loss and gradients are unchanged."""
+    from coupling_dist.distributed.parallelize import ParallelDims, parallelize
+    from coupling_dist.models.layers import Block
+
+    calls = [0]
+    block_forward = Block.forward
+
+    def counted(self, *a, **k):  # (forward hooks do not fire during checkpoint recomputation)
+        calls[0] += 1
+        return block_forward(self, *a, **k)
+
+    monkeypatch.setattr(Block, "forward", counted)
+    feats, tokens, mask = batch()
+    eps = torch.randn(4, T, D, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for ac in (False, True):
+        torch.manual_seed(0)
+        model = parallelize(StageAModel(H, V, tiny_cfg(kind)), ParallelDims(), activation_checkpointing=ac)
+        calls[0] = 0
+        loss, _ = model.loss(feats, tokens, mask, step=3, eps=eps)
+        forward_calls = calls[0]
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                     forward_calls, calls[0]))
+    (l0, g0, f0, t0), (l1, g1, f1, t1) = runs
+    assert t0 == f0 and f1 == f0 and t1 == 2 * f0 > 0  # recomputed in backward only with checkpointing
+    assert torch.equal(l0, l1) and g0.keys() == g1.keys()
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], rtol=1e-5, atol=1e-6, msg=n)

@@ -97,17 +97,27 @@ def sample_onestep(model, meta: dict, indices: Sequence[int], settings: SampleSe
                    progress=None) -> torch.Tensor:
     """Draw samples ``indices`` from a one-step generator ``model(z) -> logits``; returns ids [N, T]
     (on CPU). ``meta`` needs seq_len, latent_dim, vocab_size."""
-    T, d = int(meta["seq_len"]), int(meta["latent_dim"])
-    temp = _position_temperature(settings.temperature, T)
+    temp = _position_temperature(settings.temperature, int(meta["seq_len"]))
     banned = banned_ids(meta, vocab_limit, device)
+
+    def batch(z, gens):
+        u = draw_uniforms(gens, z.shape[1])
+        return decode_step(model(z), u, temp, settings.top_p, banned, settings.top_k_prefilter)
+
+    return sample_batches(batch, model, meta, indices, settings, batch_size, device, progress)
+
+
+def sample_batches(sample_batch, model, meta: dict, indices: Sequence[int], settings: SampleSettings,
+                   batch_size: int, device, progress=None) -> torch.Tensor:
+    """The batching every sampler shares: per batch of ``indices``, each sample's generator draws
+    its latent z [B, T, d] first, then ``sample_batch(z, generators) -> ids [B, T]``; ids [N, T] on CPU."""
+    T, d = int(meta["seq_len"]), int(meta["latent_dim"])
     out = []
     for start in range(0, len(indices), batch_size):
         idx = list(indices[start:start + batch_size])
         gens = [sample_generator(settings.seed, i) for i in idx]
         z = draw_latents(gens, T, d, settings.latent_scale).to(device, model_dtype(model))
-        u = draw_uniforms(gens, T)
-        logits = model(z)
-        out.append(decode_step(logits, u, temp, settings.top_p, banned, settings.top_k_prefilter).cpu())
+        out.append(sample_batch(z, gens).cpu())
         if progress is not None:
             progress(len(idx))
     if not out:

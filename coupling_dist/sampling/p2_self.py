@@ -24,8 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .onestep import (SampleSettings, banned_ids, draw_latents, draw_uniforms, model_dtype,
-                      sample_generator)
+from .onestep import SampleSettings, banned_ids, draw_uniforms, sample_batches
 from .top_p import apply_temperature, sample_top_p, token_log_probs
 
 
@@ -93,19 +92,10 @@ def sample_p2_self(model, meta: dict, indices: Sequence[int], settings: SampleSe
     """Draw samples ``indices`` from a masked denoiser with P2-self (K = settings.steps); ids [N, T]."""
     if meta.get("kind") != "masked" or meta.get("mask_token_id") is None:
         raise ValueError("P2-self needs a masked denoiser export (meta kind 'masked' with a mask_token_id)")
-    T, d = int(meta["seq_len"]), int(meta["latent_dim"])
     banned = banned_ids(meta, vocab_limit, device)
-    out = []
-    for start in range(0, len(indices), batch_size):
-        idx = list(indices[start:start + batch_size])
-        gens = [sample_generator(settings.seed, i) for i in idx]
-        z = draw_latents(gens, T, d, settings.latent_scale).to(device, model_dtype(model))
-        out.append(p2_self_batch(model, z, gens, int(meta["mask_token_id"]), settings, banned, trace=trace).cpu())
-        if progress is not None:
-            progress(len(idx))
-    if not out:
-        return torch.empty((0, T), dtype=torch.long)
-    return torch.cat(out)
+    mask_id = int(meta["mask_token_id"])
+    return sample_batches(lambda z, gens: p2_self_batch(model, z, gens, mask_id, settings, banned, trace=trace),
+                          model, meta, indices, settings, batch_size, device, progress)
 
 
 def sample_any(model, meta: dict, indices: Sequence[int], settings: SampleSettings, **kw) -> torch.Tensor:

@@ -31,7 +31,6 @@ from ...evaluation.samples_file import SampleFile, read_reference_file, read_sam
 from ...sampling import generate as G
 
 log = get_logger("evaluate")
-STAGE = "eval"
 
 
 def sample_paths(cfg) -> list[str]:
