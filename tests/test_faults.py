@@ -58,3 +58,29 @@ def test_killed_rank_ends_the_others_with_a_message_and_the_run_resumes(tmp_path
     log = (tmp_path / "log.rank0.txt").read_text()
     assert f"{latest} at step {saved}" in log
     assert max(losses(tmp_path)) == 16
+
+
+TEARDOWN_SCRIPT = """
+import atexit, sys
+import torch.distributed as dist
+from coupling_dist.components import dist as D
+# registered before init_distributed's handler, so it runs after it (atexit is last-in, first-out)
+atexit.register(lambda: print(f"rank {D.launch_env()['rank']} group alive at exit: {dist.is_initialized()}", flush=True))
+D.init_distributed()
+t = D.all_ok(True)  # one real collective
+if sys.argv[1] == "raise" and D.rank() == 1:
+    raise RuntimeError("boom")
+"""
+
+
+def test_process_group_teardown_is_registered_where_it_is_created(tmp_path):
+    """Any process that calls init_distributed (a test worker, a user's script) leaves the group
+    destroyed after a clean exit -- no gloo abort at interpreter teardown -- and leaves it alone
+    after an uncaught error (a peer may still be inside a collective)."""
+    script = tmp_path / "worker.py"
+    script.write_text(TEARDOWN_SCRIPT)
+    ok = torchrun(2, [str(script), "clean"], timeout=300)
+    assert "rank 0 group alive at exit: False" in ok.stdout and "rank 1 group alive at exit: False" in ok.stdout
+    bad = torchrun(2, [str(script), "raise"], timeout=300, check=False)
+    assert bad.returncode != 0 and "boom" in bad.stderr
+    assert "rank 1 group alive at exit: True" in bad.stdout and "rank 0 group alive at exit: False" in bad.stdout
