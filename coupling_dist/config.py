@@ -210,7 +210,8 @@ class SampleConfig:
     top_p: float = _f(0.95, gt=0, le=1)
     steps: int = _f(1, gt=0)  # few-step K (masked denoiser only)
     eta: float = _f(1.0, ge=0)  # P2-self remasking strength
-    kappa: str = _f("cosine", choices=("linear", "cosine"))
+    kappa: str = _f("linear", choices=("linear", "cosine"))  # P2-self unmasking schedule
+    proposal_top_p: float = _f(1.0, gt=0, le=1)  # P2-self proposals: 1 = no nucleus (Algorithm 3)
     seed: int = _f(0, ge=0)
     out: Optional[str] = None  # default: run.dir/sample/samples.jsonl
     step_temperatures: Optional[list] = None  # per-step tau_i for P2-self (length = steps)

@@ -52,7 +52,7 @@ def settings_from_cfg(cfg, **over) -> SampleSettings:
     s = cfg.sample
     temperature = s.step_temperatures if (s.step_temperatures and s.steps > 1) else s.temperature
     kw = dict(temperature=temperature, top_p=s.top_p, latent_scale=s.latent_scale, steps=s.steps, eta=s.eta,
-              kappa=s.kappa, seed=s.seed)
+              kappa=s.kappa, proposal_top_p=s.proposal_top_p, seed=s.seed)
     kw.update(over)
     return SampleSettings(**kw)
 

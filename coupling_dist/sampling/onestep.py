@@ -28,7 +28,8 @@ class SampleSettings:
     latent_scale: float = 0.85
     steps: int = 1  # few-step K (masked denoisers only)
     eta: float = 1.0
-    kappa: str = "cosine"
+    kappa: str = "linear"  # P2-self unmasking schedule (Algorithm 3: any monotone kappa; linear default)
+    proposal_top_p: float = 1.0  # P2-self proposals: no nucleus unless asked (Algorithm 3)
     seed: int = 0
     top_k_prefilter: int = DEFAULT_K
     extra: dict = field(default_factory=dict)

@@ -1,21 +1,28 @@
 """Few-step sampling from a latent-conditioned masked denoiser H(z, x_t) -> logits [B, T, V]:
-the P2-self sampler (path planning with the denoiser as its own planner).
+the P2-self sampler, exactly as the paper's Algorithm 3 (Appendix E.2).
 
-Per sample, z ~ N(0, s^2 I) is drawn once and kept fixed for all K steps. Start fully masked.
-For step i = 1..K (t = i / K):
-1. logits = H(z, x) tempered by tau_i (banned ids: the mask token, ids beyond the tokenizer);
-2. proposals at every position: one exact draw from the top-p nucleus of softmax(logits / tau_i)
-   (the law Gumbel-max at temperature tau_i samples from, drawn by inverse CDF with one
-   uniform per position so that a step costs [B, T] random numbers, not [B, T, V]);
-3. candidate x' = proposal at masked positions, the current token at revealed positions;
-   score = log softmax(logits / tau_i)[x'] and, for previously revealed positions, score * eta
-   (eta > 1 makes revealed tokens easier to remask, eta = 0 never remasks them before masked ones);
-   fixed positions (prompts) score +inf and are never masked;
-4. keep masked the n_i = floor(L * (1 - kappa(t))) lowest-scored non-fixed positions (L = number
-   of non-fixed positions; ties broken by position), reveal every other position with x'.
-kappa(1) = 1, so the last step reveals everything; with K = 1 the single step reveals all
-proposals of H(z, all-mask): exactly one-step decoding of that model with the same random stream
-(the generator draws z, then one uniform per position, like ``onestep.sample_onestep``).
+Per sample, z ~ N(0, s^2 I) is drawn once and kept fixed for all K steps. Start fully masked
+(fixed positions, e.g. prompts, keep their tokens and are never masked). For step i = 1..K
+(t_i = i / K):
+1. logits = H(z, x^(i-1)); banned ids (the mask token, ids beyond the tokenizer) get -inf;
+2. for every non-fixed position j (masked *and* previously revealed), Gumbel-perturbed logits
+   l~_j = l_j / tau_i + g_j (g ~ Gumbel(0, 1), one per token), proposal x^_j = argmax l~_j,
+   score s_j = log softmax(l~_j)[x^_j] (the perturbed distribution, as in Alg. 3 line 12);
+3. fixed positions score +inf; previously revealed positions score eta * s_j (s_j <= 0, so
+   eta > 1 makes them easier to remask, eta = 0 never remasks them before masked ones);
+4. R = the m_i = floor(L * (1 - kappa(t_i))) lowest-scored non-fixed positions (L = number of
+   non-fixed positions; ties broken by position) are set to the mask token; positions that were
+   masked and are not in R are revealed with their proposal x^_j; previously revealed positions
+   outside R keep their current token (line 22 writes only the newly revealed set);
+5. after step K, any position still masked takes the last proposal (line 24).
+kappa is linear by default (``sample.kappa``; cosine by config). With K = 1 the single step
+reveals every proposal of H(z, all-mask): a Gumbel-max draw per position from softmax(l / tau),
+i.e. one-step decoding of that model in distribution.
+
+Proposals use no top-p unless asked (``proposal_top_p`` < 1 restricts the argmax to the nucleus
+of softmax(l / tau); Algorithm 3 has none). Randomness: each sample's generator draws z, then one
+[T, V] block of uniforms per step (Gumbel noise -log(-log u)), so a sample is a function of
+(seed, index, settings, weights), whatever the batch size or rank count.
 """
 from __future__ import annotations
 
@@ -24,8 +31,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .onestep import SampleSettings, banned_ids, draw_uniforms, sample_batches
-from .top_p import apply_temperature, sample_top_p, token_log_probs
+from .onestep import SampleSettings, banned_ids, sample_batches
+from .top_p import apply_temperature, top_p_mask
 
 
 def kappa(name: str, t: float) -> float:
@@ -45,44 +52,57 @@ def step_temperatures(temperature, steps: int) -> list[float]:
     return [float(temperature)] * steps
 
 
+def draw_gumbel(gens: Sequence[torch.Generator], seq_len: int, vocab: int) -> torch.Tensor:
+    """g [B, T, V] ~ Gumbel(0, 1): the next [T, V] uniforms of each sample's generator, -log(-log u).
+    u is drawn in float64 and kept inside (0, 1) so that g is finite."""
+    tiny = torch.finfo(torch.float64).tiny
+    u = torch.stack([torch.rand(seq_len, vocab, generator=g, dtype=torch.float64) for g in gens])
+    return -torch.log(-torch.log(u.clamp(min=tiny, max=1.0 - 2 ** -53)))
+
+
 @torch.no_grad()
 def p2_self_batch(model, z: torch.Tensor, gens: Sequence[torch.Generator], mask_id: int, settings: SampleSettings,
                   banned: Optional[torch.Tensor] = None, fixed: Optional[torch.Tensor] = None,
                   x_init: Optional[torch.Tensor] = None, trace: Optional[list] = None) -> torch.Tensor:
-    """Run P2-self for one batch. z [B, T, d] on the model's device; ``gens`` are the samples'
-    generators positioned after the latent draw. ``fixed`` [B, T] bool marks given positions whose
-    tokens come from ``x_init``. If ``trace`` is a list, one dict per step is appended."""
+    """Run P2-self (Algorithm 3) for one batch. z [B, T, d] on the model's device; ``gens`` are the
+    samples' generators positioned after the latent draw. ``fixed`` [B, T] bool marks given
+    positions whose tokens come from ``x_init``. If ``trace`` is a list, one dict per step is appended."""
     B, T = z.shape[0], z.shape[1]
     dev = z.device
     K = int(settings.steps)
     taus = step_temperatures(settings.temperature, K)
+    top_p = float(getattr(settings, "proposal_top_p", 1.0))
     fixed = torch.zeros(B, T, dtype=torch.bool, device=dev) if fixed is None else fixed.to(dev)
     x = torch.full((B, T), int(mask_id), dtype=torch.long, device=dev)
     if x_init is not None:
         x = torch.where(fixed, x_init.to(dev), x)
     free = (~fixed).sum(1).double()
     pos = torch.arange(T, device=dev).expand(B, T)
+    prop = x
     for i in range(1, K + 1):
-        u = draw_uniforms(gens, T)
-        lg = apply_temperature(model(z, x), taus[i - 1], banned)
-        prop = sample_top_p(lg.reshape(B * T, -1), u.reshape(-1), settings.top_p,
-                            k=settings.top_k_prefilter).reshape(B, T)
+        lg = apply_temperature(model(z, x), taus[i - 1], banned)  # l / tau, banned ids -inf
+        if top_p < 1.0:
+            keep = top_p_mask(lg.reshape(B * T, -1), top_p, k=settings.top_k_prefilter).reshape(lg.shape)
+            lg = lg.masked_fill(~keep, float("-inf"))
+        pert = lg.double() + draw_gumbel(gens, T, lg.shape[-1]).to(dev)
+        prop = pert.argmax(-1)
+        score = torch.log_softmax(pert, dim=-1).gather(-1, prop.unsqueeze(-1)).squeeze(-1)
         masked = (x == mask_id) & ~fixed
         revealed = ~masked & ~fixed
-        cand = torch.where(masked, prop, x)
-        score = token_log_probs(lg, cand).double()
         score = torch.where(revealed, score * float(settings.eta), score)
         score = score.masked_fill(fixed, float("inf"))
         n_mask = torch.floor(free * (1.0 - kappa(settings.kappa, i / K))).long()
         # Rank of each position in ascending score order (stable: ties go to the lower position).
         order = torch.sort(score, dim=1, stable=True).indices
         rank = torch.empty_like(order).scatter_(1, order, pos)
-        new_mask = (rank < n_mask.unsqueeze(1)) & ~fixed
-        x = torch.where(new_mask, torch.full_like(cand, int(mask_id)), cand)
+        remain = (rank < n_mask.unsqueeze(1)) & ~fixed  # R^(i)
+        newly = masked & ~remain  # A^(i)
+        x = torch.where(remain, torch.full_like(x, int(mask_id)), torch.where(newly, prop, x))
         if trace is not None:
             trace.append({"step": i, "masked_before": masked.cpu(), "proposals": prop.cpu(), "scores": score.cpu(),
-                          "masked_after": new_mask.cpu(), "x": x.cpu()})
-    return x
+                          "masked_after": remain.cpu(), "x": x.cpu()})
+    still = (x == mask_id) & ~fixed
+    return torch.where(still, prop, x)
 
 
 @torch.no_grad()
