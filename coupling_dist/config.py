@@ -145,6 +145,12 @@ class StageAConfig:
     latent_dim: int = _f(16, gt=0)
     noise_scale: float = _f(0.2, gt=0)  # dequantization sigma
     learned_logvar: bool = False
+    # "encoded" (the paper, Algorithm 1 / Eq. 2): every one of the T positions, pads included, is
+    # encoded, flowed (no mask), and scored by KL, flow NLL and reconstruction, so z carries the
+    # length. "passthrough": our earlier design, kept as an ablation: pads are plain noise that
+    # the flow passes through, and every term covers real positions only (z then tells nothing
+    # about the length at the flow's optimum).
+    pad_positions: str = _f("encoded", choices=("encoded", "passthrough"))
     ray_workers: Optional[int] = _f(None, gt=0)  # run as this many Ray-actor ranks (default under a Ray job: ray.num_workers)
     lambda_rec: float = _f(1.0, ge=0)
     lambda_kl: float = _f(1e-3, ge=0)
@@ -197,12 +203,20 @@ class StageBConfig:
     label_smoothing: float = _f(0.0, ge=0, lt=1)
     latent_mix_prob: float = _f(0.3, ge=0, le=1)
     latent_mix_scale: float = _f(0.9, gt=0)
+    # "update": with prob latent_mix_prob a whole update uses noise latents (the paper, Table 7:
+    # "30% of updates"); "sample": each sample independently (our option).
+    latent_mix_unit: str = _f("update", choices=("update", "sample"))
+    # Weight of pad positions (after the first EOS) in the one-step CE; 1 = Eq. 2 (all T positions).
+    pad_weight: float = _f(1.0, ge=0)
     train: TrainConfig = _f(factory=lambda: TrainConfig(lr=2e-4, ema_decay=0.999))
     ray_workers: Optional[int] = _f(None, gt=0)  # run as this many Ray-actor ranks (default under a Ray job: ray.num_workers)
 
 
 @dataclass
 class SampleConfig:
+    # "generator": the Stage B export; "stage_a": z -> inverse flow -> Stage A decoder (the paper's
+    # flow-reverse diagnostic, from the Stage A export)
+    kind: str = _f("generator", choices=("generator", "stage_a"))
     num_samples: int = _f(64, gt=0)
     batch_size: int = _f(32, gt=0)
     latent_scale: float = _f(0.85, gt=0)
@@ -215,7 +229,7 @@ class SampleConfig:
     seed: int = _f(0, ge=0)
     out: Optional[str] = None  # default: run.dir/sample/samples.jsonl
     step_temperatures: Optional[list] = None  # per-step tau_i for P2-self (length = steps)
-    export: Optional[str] = None  # generator export dir; default: run.dir/stage_b/export
+    export: Optional[str] = None  # export dir; default: run.dir/stage_b/export (kind stage_a: run.dir/stage_a/export)
     ray_workers: Optional[int] = _f(None, gt=0)  # run as this many Ray-actor ranks (default under a Ray job: ray.num_workers)
 
 
@@ -234,6 +248,7 @@ class EvaluateConfig:
     max_text_chars: int = _f(10000, gt=0)
     reference: Optional[str] = None  # real text (one per line, or JSONL with 'text'); default: held-out shards
     reference_samples: int = _f(1024, gt=0)  # at most this many held-out texts
+    stage_a_series: bool = True  # also sweep the Stage-A-only sampler (needs run.dir/stage_a/export)
     sweep: bool = True  # draw and score samples for every sweep setting (needs the export)
 
 

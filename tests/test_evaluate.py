@@ -165,7 +165,8 @@ def test_evaluate_entry_end_to_end(tmp_path, ray_head, monkeypatch):
     (export / "config.json").write_text("{}")
     toy = OneStepToy(V, T, d, eos_id=eos, sharpness=3.0)
     monkeypatch.setattr(sample_mod, "load_export",
-                        lambda path, device="cpu": (toy, onestep_meta(V, T, d, eos, "asset:qwen2.5-tokenizer")))
+                        lambda path, device="cpu", kind="generator": (toy, onestep_meta(V, T, d, eos,
+                                                                                         "asset:qwen2.5-tokenizer")))
     sdir = tmp_path / "sample"
     sdir.mkdir()
     good = [json.dumps({"index": i, "text": t}) for i, t in enumerate(_lee(6))]
@@ -187,6 +188,10 @@ def test_evaluate_entry_end_to_end(tmp_path, ray_head, monkeypatch):
     assert [r["temperature"] for r in sweep] == [0.5, 1.0]
     assert sweep[0]["entropy"] < sweep[1]["entropy"]  # a colder sampler repeats itself more
     assert all(r["gen_ppl"] > 1 for r in res["rows"])
+    for r in sweep:  # the length distribution against the reference, and samples that never ended
+        assert 0.0 <= r["no_eos_fraction"] <= 1.0 and 0.0 < r["length_tv"] <= 1.0
+    assert res["rows"][-1]["length_tv"] == 0.0
+    assert any("no Stage A export" in n for n in res["notes"])  # the Stage-A-only series: said when absent
     assert len(res["reported_lm1b"]) == 6
     csv_lines = open(out["csv"]).read().splitlines()
     assert len(csv_lines) == 5 and csv_lines[0].startswith("name,kind,protocol")

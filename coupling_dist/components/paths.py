@@ -45,9 +45,13 @@ def generator_export(cfg) -> str:
     return os.path.join(stage_dir(cfg, "stage_b"), "export")
 
 
-def sampling_export(cfg) -> str:
-    """The generator export that sample / evaluate read."""
-    return cfg.sample.export or generator_export(cfg)
+def sampling_export(cfg, kind: str = None) -> str:
+    """The export that sample / evaluate read: the generator, or with ``sample.kind`` (or ``kind``)
+    "stage_a" the Stage A export (the Stage-A-only sampler)."""
+    kind = kind or cfg.sample.kind
+    if kind == "stage_a":
+        return (cfg.sample.export if cfg.sample.kind == "stage_a" else None) or stage_a_export(cfg)
+    return (cfg.sample.export if cfg.sample.kind != "stage_a" else None) or generator_export(cfg)
 
 
 def samples_file(cfg) -> str:

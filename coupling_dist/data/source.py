@@ -12,6 +12,15 @@ import os
 from ..components.preflight import PreflightError
 
 
+# How features at pad positions are made (recorded in the manifest's encoder identity): the frozen
+# LM reads the whole padded sequence -- the text, its EOS, then pad ids (= EOS for Qwen and
+# SmolLM2) -- with full attention, so a pad position holds the LM's state "after the sentence
+# ended". Stage A encodes all T positions (the paper's Algorithm 1), so what it sees at pads must
+# be a real, deterministic function of the sequence: the length then lives in z. (Shards from
+# before this recorded no value: their pads were zeroed.)
+PAD_FEATURES = "full_attention"
+
+
 class DataMismatchError(PreflightError):
     """The shard set does not fit (missing features, other tokenizer, other width)."""
 

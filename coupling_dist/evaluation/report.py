@@ -22,19 +22,31 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ..components.atomic import write_path, write_with  # noqa: E402
 
-# (label, Gen-PPL, entropy in bits) — published LM1B one-step figures (DESIGN.md §1).
+# Published LM1B one-step figures (DESIGN.md §1), each with the entropy unit its source used; the
+# plot converts each by its own unit. The Coupling Models paper's own points and its LM1B
+# reference come from its released eval.py (log2: bits, over all 128 ids). The peers are copied
+# in the paper's Table 6 from their papers, which follow the MDLM/DUO protocol (natural log: nats).
 REPORTED_LM1B = [
-    ("Coupling (paper) τ=0.50", 45.82, 3.61),
-    ("Coupling (paper) τ=0.60", 76.19, 4.08),
-    ("Coupling (paper) τ=0.65", 98.96, 4.32),
-    ("LM1B test data (paper)", 47.47, 4.31),
-    ("FMLM (reported)", 119.34, 4.16),
-    ("DFM-ESD (reported)", 68.11, 3.79),
+    # (label, Gen-PPL, entropy, unit, source)
+    ("Coupling (paper) τ=0.50", 45.82, 3.6088, "bits", "Coupling Models, Table 6"),
+    ("Coupling (paper) τ=0.60", 76.19, 4.0841, "bits", "Coupling Models, Table 6"),
+    ("Coupling (paper) τ=0.65", 98.96, 4.3192, "bits", "Coupling Models, Table 6"),
+    ("LM1B test data (paper)", 47.47, 4.31, "bits", "Coupling Models, Table 6 / §G.3"),
+    ("FMLM (reported)", 119.34, 4.16, "nats", "FMLM via Coupling Models Table 6 (MDLM/DUO protocol)"),
+    ("DFM-ESD (reported)", 68.11, 3.79, "nats", "DFM via Coupling Models Table 6 (MDLM/DUO protocol)"),
 ]
+_TO_NATS = {"nats": 1.0, "bits": math.log(2.0)}
+
+
+def in_unit(value: float, unit: str, target: str) -> float:
+    """Convert an entropy between bits and nats."""
+    return value * _TO_NATS[unit] / _TO_NATS[target]
+
 
 CSV_COLUMNS = ["name", "kind", "protocol", "temperature", "latent_scale", "top_p", "steps", "num_texts", "gen_ppl",
                "entropy", "entropy_unit", "mean_length", "mean_scorer_tokens", "distinct_1", "distinct_2",
-               "distinct_3", "distinct_4", "scored_tokens", "bad_lines", "sample_seconds", "score_seconds"]
+               "distinct_3", "distinct_4", "no_eos_fraction", "length_tv", "mean_gen_length", "scored_tokens", "bad_lines",
+               "sample_seconds", "score_seconds"]
 
 
 def _clean(v):
@@ -74,16 +86,16 @@ def write_csv(out_dir: str, rows: list[dict]) -> str:
 def plot_frontier(out_dir: str, rows: list[dict], protocol: str, title: Optional[str] = None) -> str:
     """rows: dicts with kind in {sweep, file, reference}, gen_ppl, entropy, settings columns."""
     unit = "bits" if protocol == "paper" else "nats"
-    conv = 1.0 if unit == "bits" else math.log(2.0)  # bits -> nats for the reported points
     fig, ax = plt.subplots(figsize=(7.5, 5.2))
     groups: dict = {}
     for r in rows:
-        if r.get("kind") == "sweep" and _finite(r):
-            groups.setdefault((r.get("latent_scale"), r.get("top_p"), r.get("steps")), []).append(r)
-    for (ls, tp, k), pts in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        if r.get("kind") in ("sweep", "stage_a") and _finite(r):
+            groups.setdefault((r["kind"], r.get("latent_scale"), r.get("top_p"), r.get("steps")), []).append(r)
+    for (kind, ls, tp, k), pts in sorted(groups.items(), key=lambda kv: str(kv[0])):
         pts = sorted(pts, key=lambda r: r["temperature"])
-        ax.plot([p["entropy"] for p in pts], [p["gen_ppl"] for p in pts], "o-",
-                label=f"ours: s={ls}, top-p={tp}, K={k}")
+        who = "ours" if kind == "sweep" else "Stage A only (flow reverse)"
+        ax.plot([p["entropy"] for p in pts], [p["gen_ppl"] for p in pts], "o-" if kind == "sweep" else "v--",
+                label=f"{who}: s={ls}, top-p={tp}, K={k}")
         for p in pts:
             ax.annotate(f"τ={p['temperature']:g}", (p["entropy"], p["gen_ppl"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=7)
@@ -93,14 +105,13 @@ def plot_frontier(out_dir: str, rows: list[dict], protocol: str, title: Optional
         if r.get("kind") == "reference" and _finite(r):
             ax.plot([r["entropy"]], [r["gen_ppl"]], "*", markersize=14, color="black",
                     label=f"real held-out text (ours): {r['name']}")
-    for label, ppl, ent_bits in REPORTED_LM1B:
+    for label, ppl, ent, ent_unit, _ in REPORTED_LM1B:
         marker = "D" if "data" in label else "^"
-        ax.plot([ent_bits * conv], [ppl], marker, markerfacecolor="none", color="grey", markersize=7)
-        ax.annotate(label, (ent_bits * conv, ppl), textcoords="offset points", xytext=(4, -9), fontsize=6,
-                    color="grey")
+        x = in_unit(ent, ent_unit, unit)
+        ax.plot([x], [ppl], marker, markerfacecolor="none", color="grey", markersize=7)
+        ax.annotate(label, (x, ppl), textcoords="offset points", xytext=(4, -9), fontsize=6, color="grey")
     ax.plot([], [], "^", markerfacecolor="none", color="grey",
-            label="reported LM1B figures (papers, not our measurements)"
-                  + ("" if unit == "bits" else "; bits converted to nats"))
+            label=f"reported LM1B figures (papers, not our measurements; in {unit})")
     ax.set_yscale("log")
     ax.set_xlabel(f"unigram entropy per sample ({unit})")
     ax.set_ylabel("Gen-PPL (log scale)")
@@ -122,7 +133,7 @@ def _finite(r: dict) -> bool:
 def write_all(out_dir: str, rows: list[dict], protocol: str, extra: dict) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     results = {"protocol": protocol, "rows": rows, "reported_lm1b": [
-        {"label": lbl, "gen_ppl": p, "entropy_bits": e, "source": "published figures (DESIGN.md §1), not measured"}
-        for lbl, p, e in REPORTED_LM1B], **extra}
+        {"label": lbl, "gen_ppl": p, "entropy": e, "entropy_unit": u, "source": f"{src} (published, not measured)"}
+        for lbl, p, e, u, src in REPORTED_LM1B], **extra}
     return {"json": write_results(out_dir, results), "csv": write_csv(out_dir, rows),
             "png": plot_frontier(out_dir, rows, protocol)}

@@ -40,9 +40,10 @@ def _check(obj, max_chars: int) -> Optional[str]:
         return f"field 'text' is not a string (got {type(obj['text']).__name__})"
     if len(obj["text"]) > max_chars:
         return f"text too long ({len(obj['text'])} chars > evaluate.max_text_chars {max_chars})"
-    ids = obj.get("ids")
-    if ids is not None and not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
-        return "field 'ids' is not a list of integers"
+    for key in ("ids", "all_ids"):
+        ids = obj.get(key)
+        if ids is not None and not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+            return f"field '{key}' is not a list of integers"
     return None
 
 
@@ -74,7 +75,7 @@ def read_samples(path: str, max_chars: int = 10000) -> SampleFile:
             out.problems.append({"line": n, "reason": reason})
             continue
         out.records.append({"line": n, "text": obj["text"], "ids": obj.get("ids"), "index": obj.get("index"),
-                            "settings": obj.get("settings")})
+                            "settings": obj.get("settings"), "eos": obj.get("eos"), "all_ids": obj.get("all_ids")})
     return out
 
 

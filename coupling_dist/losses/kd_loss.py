@@ -185,9 +185,14 @@ def kd_loss(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tens
 
 
 def row_weights(ce_mask: torch.Tensor, kd_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """[B, T] bool masks -> per-row weights [B*T] (token means). KD pairs student position t with the
-    teacher's prediction at t - 1, so position 0 never carries KD."""
-    ce_w = ce_mask.float() / ce_mask.sum().clamp(min=1)
+    """[B, T] masks -> per-row weights [B*T]. A bool ``ce_mask`` gives a token mean; a float one is
+    taken as the weights themselves (e.g. Eq. 32's per-sequence normalisation). KD (a token mean
+    over ``kd_mask``) pairs student position t with the teacher's prediction at t - 1, so
+    position 0 never carries KD."""
+    if ce_mask.dtype == torch.bool:
+        ce_w = ce_mask.float() / ce_mask.sum().clamp(min=1)
+    else:
+        ce_w = ce_mask.float()
     kd_w = None
     if kd_mask is not None:
         kd_mask = kd_mask.clone()
@@ -205,7 +210,8 @@ def shift_teacher(teacher_hidden: torch.Tensor) -> torch.Tensor:
 def sequence_loss(hidden: torch.Tensor, tokens: torch.Tensor, ce_mask: torch.Tensor, head_weight: torch.Tensor, *,
                   teacher_hidden: Optional[torch.Tensor] = None, teacher_weight: Optional[torch.Tensor] = None,
                   kd_mask: Optional[torch.Tensor] = None, **options):
-    """Batch form: hidden [B, T, H], tokens [B, T], ce_mask [B, T] bool (real tokens to score),
+    """Batch form: hidden [B, T, H], tokens [B, T], ce_mask [B, T] (bool: positions to score, token
+    mean; float: per-position weights),
     teacher_hidden [B, T, Ht] (the causal teacher run on ``tokens``), kd_mask [B, T] bool."""
     B, T, H = hidden.shape
     ce_w, kd_w = row_weights(ce_mask, kd_mask if teacher_hidden is not None else None)

@@ -8,11 +8,18 @@
     L = lambda_rec * CE + lambda_KL * KL(q(u|x) || N(0, I)) + lambda_flow(step) * NLL_flow
 
 Normalisation of the three terms (stated because their relative weights depend on it): CE is the
-mean over real tokens; KL and the flow NLL are means over real (token, channel) elements, in nats,
-so ``bpd`` = NLL / ln 2 is the usual bits-per-dim of a continuous density (it can be negative).
-Pads are excluded from all three. At pads u is set to plain eps (~N(0, I)) rather than
-mean + sigma*eps: the flow passes pads through unchanged, so the stored z at pads is then exactly
-N(0, I), matching what Stage B sees at sampling time, where z ~ N(0, I) everywhere.
+mean over scored tokens; KL and the flow NLL are means over scored (token, channel) elements, in
+nats, so ``bpd`` = NLL / ln 2 is the usual bits-per-dim of a continuous density (it can be negative).
+
+Length (``stage_a.pad_positions``). The paper pads every sequence to T (EOS, then pads) and
+applies E, the flow and D to all T positions (Algorithm 1; Eq. 2 is a product over all T): with
+"encoded" (the default) every term covers every position and the flow runs without a mask, so
+the length is part of what z encodes and Stage B learns where sentences end. The frozen encoder's
+features at pad positions are what the LM computes there when it reads the padded sequence with
+full attention (the text, its EOS, then pad = EOS ids: see ``data/preprocess.py``).
+"passthrough" is the earlier design, kept as an ablation: at pads u is plain eps, the flow passes
+pads through unchanged, and every term covers real positions only; the flow then models
+p(u_real | mask), and at its optimum z is independent of the length.
 
 Feature normalisation statistics (per-channel mean/std of the frozen encoder features) live in the
 model as buffers so that the export carries them; they are estimated from the first batches
@@ -110,26 +117,34 @@ class StageAModel(nn.Module):
             logvar = torch.full_like(mean, 2 * math.log(self.cfg.noise_scale))
         return mean, logvar
 
-    def encode_latent(self, features: torch.Tensor, mask: torch.Tensor, eps: Optional[torch.Tensor] = None,
-                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """u = E(x, eps): mean + sigma * eps at real tokens, eps itself at pads (see module doc)."""
+    def scored(self, mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """[B, T] bool: the positions the coupling encodes and scores (all of them unless the
+        "passthrough" ablation is on, where only real tokens are)."""
+        if mask is None or self.cfg.pad_positions == "encoded":
+            return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
+        return mask.bool()
+
+    def encode_latent(self, features: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                      eps: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """u = E(x, eps) = mean + sigma * eps (at every position; eps itself at pads under the
+        "passthrough" ablation)."""
         mean, logvar = self.posterior(features)
         if eps is None:
             eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         real = mean + torch.exp(0.5 * logvar) * eps
-        return torch.where(mask.bool()[..., None], real, eps.to(real.dtype))
+        return torch.where(self.scored(mask, mean)[..., None], real, eps.to(real.dtype))
 
-    def to_gaussian(self, u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.flow(u, mask)[0]
+    def to_gaussian(self, u: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.flow(u, self.scored(mask, u))[0]
 
-    def from_gaussian(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.flow.inverse(z, mask)
+    def from_gaussian(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.flow.inverse(z, self.scored(mask, z))
 
-    def decoder_hidden(self, u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def decoder_hidden(self, u: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = self.dec_in(u) + sinusoidal_positions(u.shape[1], self.dec_in.out_features, u.device, u.dtype)
-        return self.decoder(h, safe_key_mask(mask))
+        return self.decoder(h, safe_key_mask(self.scored(mask, u)))
 
-    def decode(self, u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def decode(self, u: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Full logits [B, T, V] (inference/small V; the loss never materialises them all)."""
         return self.head(self.decoder_hidden(u, mask))
 
@@ -147,10 +162,10 @@ class StageAModel(nn.Module):
                 (logits.argmax(-1) == target).sum().to(logits.dtype))
 
     def reconstruction(self, u: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(CE sum, #correct) over real tokens, in row chunks: with V ~ 152k, materialising all
-        [B*T, V] logits (plus their gradient) would take gigabytes; each chunk's logits are
+        """(CE sum, #correct) over the scored positions, in row chunks: with V ~ 152k, materialising
+        all [B*T, V] logits (plus their gradient) would take gigabytes; each chunk's logits are
         recomputed in backward instead of stored."""
-        m = mask.bool()
+        m = self.scored(mask, tokens)
         h = self.decoder_hidden(u, mask)[m]
         target = tokens[m].long()
         ce = h.new_zeros((), dtype=torch.float32)
@@ -164,7 +179,7 @@ class StageAModel(nn.Module):
 
     def loss(self, features: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, step: int = 0,
              eps: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
-        m = mask.bool()
+        m = self.scored(mask, tokens)
         mf = m[..., None].to(self.proj.weight.dtype)
         n_tok = m.sum().clamp_min(1)
         n_el = n_tok * self.latent_dim
@@ -199,3 +214,17 @@ class StageAModel(nn.Module):
         per_tok += 2 * d * dc.width + transformer_flops_per_token(dc.width, dc.depth, dc.ffn, seq_len)
         per_tok += 2 * dc.width * self.vocab_size
         return 3.0 * seq_len * per_tok
+
+
+class PriorDecoder(nn.Module):
+    """The paper's flow-reverse diagnostic as a one-step generator: ``forward(z)`` = the Stage A
+    decoder's logits at u = NF^-1(z). Sampling it with z ~ N(0, s^2 I) (``sample.kind=stage_a``)
+    shows what the coupling itself generates: an upper bound on what Stage B, trained to invert
+    the same pairs, can reach."""
+
+    def __init__(self, stage_a: "StageAModel"):
+        super().__init__()
+        self.stage_a = stage_a
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.stage_a.decode(self.stage_a.from_gaussian(z))

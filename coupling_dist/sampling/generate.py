@@ -5,10 +5,15 @@ safetensors only: no DeepSpeed / megatron-core on sampling machines); ``generate
 samples ``indices`` (each sample's randomness is a function of (seed, index), ``sampling.onestep``)
 and turns them into JSON-ready records::
 
-    {"index": 0, "text": "...", "ids": [...], "eos": true, "settings": {...}}
+    {"index": 0, "text": "...", "ids": [...], "eos": true, "all_ids": [...], "settings": {...}}
 
 ``ids`` are the generator token ids before the first end-of-sequence token and ``text`` is their
-decoding with the data tokenizer; ``eos`` says whether an EOS was generated at all.
+decoding with the data tokenizer; ``eos`` says whether an EOS was generated at all; ``all_ids``
+are all T generated ids (what the paper's evaluation protocol decodes and counts).
+
+``load_export(path, kind="stage_a")`` loads a Stage A export as a one-step generator instead:
+z -> inverse flow -> Stage A decoder (``models.stage_a.PriorDecoder``), the paper's flow-reverse
+diagnostic (``sample.kind=stage_a``).
 """
 from __future__ import annotations
 
@@ -22,8 +27,26 @@ from .onestep import SampleSettings
 from .p2_self import sample_any
 
 
-def load_export(path: str, device="cpu"):
+def load_stage_a_sampler(path: str, device="cpu"):
+    """(PriorDecoder, meta) from a Stage A export: sampled like a one-step generator."""
+    from ..models.stage_a import PriorDecoder
+    from ..models.stage_a_export import load_stage_a
+
+    stage_a, art = load_stage_a(path, device=str(device))
+    tok = art.get("tokenizer") or {}
+    eos = tok.get("eos_id")
+    if eos is None:
+        raise ValueError(f"Stage A export '{path}': config.json names no tokenizer eos_id")
+    meta = {"kind": "stage_a", "seq_len": int(art["seq_len"]), "latent_dim": int(art["latent_dim"]),
+            "vocab_size": int(art["vocab_size"]), "eos_id": int(eos), "pad_id": tok.get("pad_id", eos),
+            "tokenizer": tok}
+    return PriorDecoder(stage_a).eval(), meta
+
+
+def load_export(path: str, device="cpu", kind: str = "generator"):
     """(model in eval mode, meta) from an export directory, with a clear error when it is missing."""
+    if kind == "stage_a":
+        return load_stage_a_sampler(path, device)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"no exported generator at '{path}' (expected config.json + model.safetensors; "
                                 f"run stage_b first or set sample.export)")
@@ -70,7 +93,7 @@ def to_records(ids: torch.Tensor, indices: Sequence[int], tok, eos_id: int, sett
     for row, index in zip(ids.tolist(), indices):
         kept, eos = truncate_at_eos(row, eos_id)
         recs.append({"index": int(index), "text": tok.decode(kept, skip_special_tokens=False), "ids": kept,
-                     "eos": eos, "settings": sdict})
+                     "eos": eos, "all_ids": [int(i) for i in row], "settings": sdict})
     return recs
 
 

@@ -10,8 +10,14 @@ Writes ``run.dir/eval/results.json``, ``results.csv`` and ``frontier.png`` (see
   ``evaluate.num_samples`` samples (seed ``sample.seed``) and score them; the samples are kept
   under ``run.dir/eval/samples/``. K > 1 applies only to masked denoisers (skipped, and said so,
   for a one-step export);
+- ``stage_a`` (``evaluate.stage_a_series``, needs the Stage A export): the same one-step settings
+  for the Stage-A-only sampler (z -> inverse flow -> Stage A decoder), its own series;
 - ``reference``: real held-out text: ``evaluate.reference`` when set, else the held-out split of
   the preprocessed shard set (tokens decoded with the data tokenizer).
+
+Every row also carries the length statistics against the reference (``length_tv``, the TV distance
+of the lengths before the first EOS; ``no_eos_fraction``) and is scored under
+``evaluate.protocol`` (``evaluation.protocol``: what each protocol decodes and counts).
 
 Scoring runs on a Ray actor pool (``evaluation.pool``): ``evaluate.num_actors`` CPU actors, or one
 per GPU on a GPU cluster; ``ray.address`` selects an existing cluster.
@@ -27,6 +33,7 @@ import time
 from ...components import paths as run_paths
 from ...components.logging import get_logger, setup_logging
 from ...evaluation import report
+from ...evaluation.protocol import length_stats, lengths, protocol_inputs
 from ...evaluation.samples_file import SampleFile, read_reference_file, read_samples
 from ...sampling import generate as G
 
@@ -72,7 +79,8 @@ def heldout_reference(cfg, data_tok, limit: int) -> SampleFile:
             break
         toks, mask = batch["tokens"][0], batch["mask"][0]
         ids, _ = G.truncate_at_eos(toks[mask.bool()].tolist(), eos)
-        sf.records.append({"line": None, "text": data_tok.decode(ids), "ids": ids, "index": i, "settings": None})
+        sf.records.append({"line": None, "text": data_tok.decode(ids), "ids": ids, "index": i, "settings": None,
+                           "eos": True})
     return sf
 
 
@@ -90,10 +98,12 @@ def reference_set(cfg, data_tok):
     return None, None
 
 
-def _score_row(pool, sf: SampleFile, scorer_tok, cfg, **cols) -> dict:
-    m = pool.score(sf.texts, sf.ids, scorer_tok, cfg.evaluate.protocol, cfg.evaluate.batch_size)
+def _score_row(pool, sf: SampleFile, scorer_tok, cfg, data_tok, ref_lengths=None, **cols) -> dict:
+    texts, ids = protocol_inputs(sf.records, cfg.evaluate.protocol, data_tok, cfg.data.seq_len)
+    m = pool.score(texts, ids, scorer_tok, cfg.evaluate.protocol, cfg.evaluate.batch_size)
     row = dict(cols)
     row.update(m)
+    row.update(length_stats(sf.records, ref_lengths))
     row["bad_lines"] = len(sf.problems)
     return row
 
@@ -117,34 +127,42 @@ def sweep_settings(cfg, kind: str):
         yield None, s
 
 
-def run_sweep(cfg, pool, scorer_tok, out_dir: str) -> tuple[list[dict], list[str]]:
+def run_sweep(cfg, pool, scorer_tok, out_dir: str, data_tok, ref_lengths) -> tuple[list[dict], list[str]]:
+    """The sweep for the Stage B export, then (``evaluate.stage_a_series``) the same one-step
+    settings for the Stage-A-only sampler (z -> inverse flow -> Stage A decoder), its own series."""
     from ...components import dist as D
     from ...components.assets import load_tokenizer
     from ...components.atomic import write_jsonl
 
-    path = run_paths.sampling_export(cfg)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        return [], [f"no generator export at {path}: sweep skipped"]
-    dev = D.device()
-    model, meta = G.load_export(path, dev)
-    tok = load_tokenizer(G.tokenizer_ref(meta, cfg))
     rows, notes = [], []
-    os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
-    for over, note in sweep_settings(cfg, meta.get("kind", "onestep")):
-        if note:
-            notes.append(note)
+    for kind in ["generator"] + (["stage_a"] if cfg.evaluate.stage_a_series else []):
+        path = run_paths.sampling_export(cfg, kind)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            what = "Stage A" if kind == "stage_a" else "generator"
+            notes.append(f"no {what} export at {path}: {what} sweep skipped")
             continue
-        settings = G.settings_from_cfg(cfg, **over)
-        name = f"K{over['steps']}_s{over['latent_scale']:g}_p{over['top_p']:g}_t{over['temperature']:g}"
-        t0 = time.perf_counter()
-        recs = G.generate_records(model, meta, tok, range(cfg.evaluate.num_samples), settings,
-                                batch_size=cfg.sample.batch_size, device=dev)
-        dt = time.perf_counter() - t0
-        write_jsonl(os.path.join(out_dir, "samples", f"{name}.jsonl"), recs)
-        sf = SampleFile(name, records=recs)
-        row = _score_row(pool, sf, scorer_tok, cfg, name=name, kind="sweep", sample_seconds=dt, **over)
-        log.info("%s: Gen-PPL %.2f entropy %.3f %s", name, row["gen_ppl"], row["entropy"], row["entropy_unit"])
-        rows.append(row)
+        dev = D.device()
+        model, meta = G.load_export(path, dev, kind)
+        tok = load_tokenizer(G.tokenizer_ref(meta, cfg))
+        os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
+        for over, note in sweep_settings(cfg, meta.get("kind", "onestep")):
+            if note:
+                notes.append(note)
+                continue
+            settings = G.settings_from_cfg(cfg, **over)
+            name = f"K{over['steps']}_s{over['latent_scale']:g}_p{over['top_p']:g}_t{over['temperature']:g}"
+            name = f"stage_a_{name}" if kind == "stage_a" else name
+            t0 = time.perf_counter()
+            recs = G.generate_records(model, meta, tok, range(cfg.evaluate.num_samples), settings,
+                                      batch_size=cfg.sample.batch_size, device=dev)
+            dt = time.perf_counter() - t0
+            write_jsonl(os.path.join(out_dir, "samples", f"{name}.jsonl"), recs)
+            sf = SampleFile(name, records=recs)
+            row = _score_row(pool, sf, scorer_tok, cfg, data_tok, ref_lengths, name=name,
+                             kind="sweep" if kind == "generator" else "stage_a", sample_seconds=dt, **over)
+            log.info("%s: Gen-PPL %.2f entropy %.3f %s, no-EOS %.2f, length TV %s", name, row["gen_ppl"],
+                     row["entropy"], row["entropy_unit"], row["no_eos_fraction"] or 0.0, row["length_tv"])
+            rows.append(row)
     return rows, notes
 
 
@@ -160,6 +178,8 @@ def main(cfg) -> dict:
     scorer_tok = load_scorer_tokenizer(e.scorer)
     data_tok = load_tokenizer(cfg.data.tokenizer)
     rows, files, notes = [], [], []
+    ref, ref_name = reference_set(cfg, data_tok)
+    ref_lengths = lengths(ref.records) if ref is not None else None
     with ScorerPool(e.scorer, e.num_actors, cfg.ray.address, cfg.ray.num_cpus_per_worker, cfg.ray.max_retries) as pool:
         for p in paths:
             sf = read_samples(p, e.max_text_chars)
@@ -170,19 +190,19 @@ def main(cfg) -> dict:
                 notes.append(f"{p}: no valid samples")
                 continue
             st = (sf.records[0].get("settings") or {})
-            row = _score_row(pool, sf, scorer_tok, cfg, name=f"file:{os.path.basename(p)}", kind="file",
+            row = _score_row(pool, sf, scorer_tok, cfg, data_tok, ref_lengths, name=f"file:{os.path.basename(p)}",
+                             kind="file",
                              **{k: st.get(k) for k in ("temperature", "latent_scale", "top_p", "steps")})
             log.info("%s: Gen-PPL %.2f entropy %.3f %s (%d texts, %d bad lines)", p, row["gen_ppl"], row["entropy"],
                      row["entropy_unit"], row["num_texts"], row["bad_lines"])
             rows.append(row)
         if e.sweep:
-            sweep_rows, sweep_notes = run_sweep(cfg, pool, scorer_tok, out_dir)
+            sweep_rows, sweep_notes = run_sweep(cfg, pool, scorer_tok, out_dir, data_tok, ref_lengths)
             rows.extend(sweep_rows)
             notes.extend(sweep_notes)
-        ref, ref_name = reference_set(cfg, data_tok)
         if ref is not None and ref.records:
             _log_problems(ref)
-            row = _score_row(pool, ref, scorer_tok, cfg, name=ref_name, kind="reference")
+            row = _score_row(pool, ref, scorer_tok, cfg, data_tok, ref_lengths, name=ref_name, kind="reference")
             log.info("reference %s: Gen-PPL %.2f entropy %.3f %s", ref_name, row["gen_ppl"], row["entropy"],
                      row["entropy_unit"])
             rows.append(row)

@@ -23,6 +23,7 @@ from ...components import assets
 from ...components.preflight import PreflightError
 from ...config import Config, ConfigError
 from ...data import corpus as C
+from ...data.source import PAD_FEATURES
 from ...data import shards as S
 from ...data.shard_job import fingerprint as unit_fingerprint
 
@@ -59,7 +60,7 @@ def encoder_info(model_ref: Optional[str], layer: int, dtype: str, tok_vocab: in
                           f"tokenizer's {tok_vocab} ('data.tokenizer'): ids would be out of range")
     ident = assets.identity(model_ref)
     return dict(ident, layer=layer, dtype=dtype, hidden_size=int(hidden), num_layers=int(layers),
-                model_type=getattr(conf, "model_type", None))
+                model_type=getattr(conf, "model_type", None), pad_features=PAD_FEATURES)
 
 
 def build_settings(cfg: Config) -> dict:

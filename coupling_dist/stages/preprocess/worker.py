@@ -57,7 +57,7 @@ class ShardWorker:
             mask[i, :len(row)] = 1
         return tokens, mask, truncated
 
-    def encode(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def encode(self, tokens: np.ndarray) -> np.ndarray:
         import torch
 
         dtype, layer, bs = self.enc.get("dtype", "float16"), int(self.enc.get("layer", -1)), int(self.enc.get("batch_size", 64))
@@ -65,15 +65,16 @@ class ShardWorker:
         with torch.no_grad():
             for i in range(0, len(tokens), bs):
                 ids = torch.from_numpy(tokens[i:i + bs]).long().to(self.device)
-                m = torch.from_numpy(mask[i:i + bs]).long().to(self.device)
-                h = self.model(input_ids=ids, attention_mask=m, output_hidden_states=True).hidden_states[layer]
-                h = h.float() * m.unsqueeze(-1)  # pads are zero: they carry no information
+                # Full attention over the padded sequence (data.source.PAD_FEATURES): pad positions
+                # get the LM's own features for the pad/EOS ids that follow the text.
+                h = self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                               output_hidden_states=True).hidden_states[layer].float()
                 outs.append(to_stored(h, dtype))
         return np.concatenate(outs)
 
     def build(self, keys: list[str], texts: list[str]) -> tuple[list[dict], int]:
         tokens, mask, truncated = self.tokenize(texts)
-        feats = self.encode(tokens, mask) if self.model is not None else None
+        feats = self.encode(tokens) if self.model is not None else None
         samples = []
         for j, key in enumerate(keys):
             s = {"__key__": key, "tokens": tokens[j], "mask": mask[j]}

@@ -1,5 +1,6 @@
 """``python -m coupling_dist.sample --config FILE [overrides]``: draw samples from the exported
-generator (``run.dir/stage_b/export`` unless ``sample.export`` says otherwise) and write
+generator (``run.dir/stage_b/export`` unless ``sample.export`` says otherwise; with
+``sample.kind=stage_a`` from the Stage A export, z -> inverse flow -> Stage A decoder) and write
 ``run.dir/sample/samples.jsonl`` (or ``sample.out``): one JSON record per sample, in index order
 (the record format and the sampler: ``sampling.generate``).
 
@@ -75,7 +76,7 @@ def sample_rank(cfg) -> dict:
     D.init_distributed()
     setup_logging(stage_dir(cfg, "sample"), D.rank())
     dev = D.device()
-    model, meta = load_export(sampling_export(cfg), dev)
+    model, meta = load_export(sampling_export(cfg), dev, cfg.sample.kind)
     tok = load_tokenizer(tokenizer_ref(meta, cfg))
     settings = settings_from_cfg(cfg)
     out = samples_file(cfg)

@@ -9,6 +9,7 @@ from ...components import assets
 from ...components.paths import data_dir
 from ...components.preflight import PreflightError, require_file
 from ...config import Config
+from ...data.source import PAD_FEATURES
 from .task import StageATask
 
 
@@ -23,6 +24,10 @@ def preflight(cfg: Config) -> StageATask:
     except (KeyError, ValueError) as e:
         raise PreflightError(str(e)) from None
     enc = task.meta.get("encoder") or {}
+    if enc and cfg.stage_a.pad_positions == "encoded" and enc.get("pad_features") != PAD_FEATURES:
+        raise PreflightError(f"{manifest}: these features were made with pad positions zeroed (an older "
+                             f"preprocess); stage_a.pad_positions=encoded needs the LM's features at pads: "
+                             f"rerun preprocess into a new data.out_dir")
     if cfg.encoder.model is not None:
         want = assets.identity(cfg.encoder.model)
         if enc.get("hash") and want["hash"] and enc["hash"] != want["hash"]:

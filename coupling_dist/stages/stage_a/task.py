@@ -56,7 +56,10 @@ class StageATask:
             for i, b in enumerate(loader):
                 if i >= STATS_BATCHES:
                     break
-                yield b["features"], b["mask"]
+                # statistics over the positions Stage A encodes (all of them, pads included, unless
+                # the "passthrough" ablation is on)
+                yield b["features"], (b["mask"] if cfg.stage_a.pad_positions == "passthrough"
+                                      else torch.ones_like(b["mask"]))
 
         meta = {"seq_len": info["seq_len"], "tokenizer": info["tokenizer"], "encoder": info["encoder"],
                 "feature_dtype": info["feature_dtype"], "source_data": os.path.abspath(data_dir)}

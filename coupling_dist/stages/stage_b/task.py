@@ -7,9 +7,11 @@ and the parallel layout (``distributed.parallelize.build_parallel_dims``). The t
   ``distributed.parallelize.parallelize`` (megatron-core TP layers when ``stage_b.tp > 1``,
   activation checkpointing when ``stage_b.train.activation_checkpointing``); ``mpu`` hands the
   TP x DP groups to DeepSpeed and the Trainer;
-- per training batch: picks one of the K stored latents per sample, replaces it with probability
-  ``latent_mix_prob`` by N(0, I) * ``latent_mix_scale`` (and, for the masked denoiser, draws the
-  mask time t ~ U(0, 1) and masks each position with probability t). These draws come from a
+- per training batch: picks one of the K stored latents per sample, replaces latents with
+  probability ``latent_mix_prob`` by N(0, I) * ``latent_mix_scale`` (``latent_mix_unit``: the whole
+  update, as the paper does, or each sample), and for the masked denoiser draws the mask time
+  t ~ U(0, 1) and masks every position, pads included, with probability t (Algorithm 2). The
+  loss covers all T positions (Eq. 2 / Eq. 32, see ``inputs``). These draws come from a
   generator seeded by (run.seed, step, data-parallel rank), not from the global RNG: every TP rank
   of a group must see the same inputs, and a resumed run replays them exactly;
 - loss = CE + lambda_KD * KD from ``losses.kd_loss`` (chunked, vocab-parallel under TP); the frozen
@@ -68,13 +70,18 @@ class StageBTask:
 
     # ------------------------------------------------------------------ batches
 
-    def _generator(self, step: int, salt: int) -> torch.Generator:
-        dp = self.dims.dp_rank
+    def _generator(self, step: int, salt: int, per_rank: bool = True) -> torch.Generator:
+        dp = self.dims.dp_rank if per_rank else 0
         seed = (self.cfg.run.seed * 1_000_003 + step * 7919 + dp * 104_729 + salt) % (2**63 - 1)
         return torch.Generator().manual_seed(seed)
 
     def inputs(self, batch: dict, step: int, train: bool):
-        """(z [B, T, d] fp32, tokens [B, T] long, mask [B, T] bool, x_t or None, ce_mask [B, T] bool)."""
+        """(z [B, T, d] fp32, tokens [B, T] long, mask [B, T] bool, x_t or None, ce_weight [B, T]).
+
+        Every position 1..T is a target (Eq. 2: pads after the first EOS included, weighted by
+        ``stage_b.pad_weight``). ``ce_weight`` sums to 1 over the batch: a token mean for the
+        one-step generator; for the masked denoiser Eq. 32's per-sequence normalisation
+        (1 / sum_i m_i over a row's masked positions, then the mean over rows)."""
         z_all = batch["z"]
         if z_all.dim() == 3:  # a store without the multiplicity axis
             z_all = z_all[:, None]
@@ -86,23 +93,28 @@ class StageBTask:
         tokens, mask = batch["tokens"].long(), batch["mask"].bool()
         sb = self.cfg.stage_b
         if train and sb.latent_mix_prob > 0:
-            mix = torch.rand(B, generator=g) < sb.latent_mix_prob
+            if sb.latent_mix_unit == "update":  # one draw per update, the same on every rank
+                mix = (torch.rand(1, generator=self._generator(step, 2, per_rank=False)) < sb.latent_mix_prob).expand(B)
+            else:
+                mix = torch.rand(B, generator=g) < sb.latent_mix_prob
             noise = torch.randn(z.shape, generator=g) * sb.latent_mix_scale
             z = torch.where(mix.to(dev)[:, None, None], noise.to(dev, z.dtype), z)
-        x_t, ce_mask = None, mask
+        x_t = None
         if self.info["mask_token_id"] is not None:
-            t = torch.rand(B, 1, generator=g)
-            masked = (torch.rand(tokens.shape, generator=g) < t).to(dev) & mask
+            masked = mdm_mask(B, tokens.shape[1], g).to(dev)
             x_t = torch.where(masked, torch.full_like(tokens, self.info["mask_token_id"]), tokens)
-            ce_mask = masked
-        return z, tokens, mask, x_t, ce_mask
+            ce_weight = masked.float() / masked.sum(1, keepdim=True).float() / B
+        else:
+            w = torch.where(mask, torch.ones((), device=dev), torch.full((), float(sb.pad_weight), device=dev))
+            ce_weight = w / w.sum().clamp_min(1e-12)
+        return z, tokens, mask, x_t, ce_weight
 
     # ------------------------------------------------------------------ Trainer protocol
 
     def _loss(self, model, batch: dict, step: int, train: bool):
         from ...distributed.tensor_parallel import head_shard, tp_info
 
-        z, tokens, mask, x_t, ce_mask = self.inputs(batch, step, train)
+        z, tokens, mask, x_t, ce_weight = self.inputs(batch, step, train)
         h = model.hidden(z, x_t)
         w, start, V = head_shard(model)
         kd = self.cfg.stage_b.kd
@@ -114,8 +126,11 @@ class StageBTask:
                 th = base(input_ids=tokens, attention_mask=mask.long()).last_hidden_state.to(h.dtype)
                 wt = teacher.get_output_embeddings().weight[start:start + w.shape[0]].to(h.dtype)
         size, _, group = tp_info(model)
-        total, ce, kdv = sequence_loss(h, tokens, ce_mask, w, teacher_hidden=th, teacher_weight=wt,
-                                       kd_mask=ce_mask if teacher is not None else None,
+        # KD where the causal teacher is defined: real tokens and the first EOS (masked denoiser:
+        # only the masked ones among them, the positions the denoiser predicts).
+        kd_mask = mask if x_t is None else mask & (ce_weight > 0)
+        total, ce, kdv = sequence_loss(h, tokens, ce_weight, w, teacher_hidden=th, teacher_weight=wt,
+                                       kd_mask=kd_mask if teacher is not None else None,
                                        temperature=kd.temperature, label_smoothing=self.cfg.stage_b.label_smoothing,
                                        lambda_kd=kd.weight if teacher is not None else 0.0, vocab_start=start,
                                        vocab_size=V, tp_group=group if size > 1 else None,
@@ -163,3 +178,16 @@ class StageBTask:
             path = export_generator(full, self.cfg.stage_b.model, meta, out_dir)
         D.barrier()
         return path
+
+
+def mdm_mask(B: int, T: int, g: torch.Generator) -> torch.Tensor:
+    """Algorithm 2 lines 5-7: t ~ U(0, 1) per row, m_i ~ Bernoulli(t) at every position (pads
+    included: P2-self starts from an all-mask sequence), a row with no masked position redrawn
+    (same t) until it has one. [B, T] bool, a function of the generator's state."""
+    t = torch.rand(B, 1, generator=g)
+    m = torch.rand(B, T, generator=g) < t
+    while True:
+        empty = (~m.any(1)).nonzero().flatten()
+        if not empty.numel():
+            return m
+        m[empty] = torch.rand(empty.numel(), T, generator=g) < t[empty]
