@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from coupling_dist import assets
+from coupling_dist.components import assets
 from coupling_dist.evaluation.protocol import length_stats, protocol_inputs, total_variation
 from coupling_dist.evaluation.report import REPORTED_LM1B, in_unit
 from coupling_dist.evaluation.scorer import load_scorer_model, load_scorer_tokenizer, score_local
