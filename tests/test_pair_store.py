@@ -257,18 +257,21 @@ def test_report_and_manifest_after_a_run(world, clean):
         rep = json.load(fh)
     assert set(rep) == {"split", "multiplicity", "dtype", "latents", "heldout_split", "heldout_samples",
                         "recon_acc_heldout_from_u", "recon_acc_heldout_from_stored_z", "roundtrip_z_u_z_max_abs",
-                        "roundtrip_u_z_u_max_abs", "stage_a_artifact_sha256"}
+                        "roundtrip_u_z_u_max_abs", "stage_a_artifact_sha256", "length_probe"}
     lat = rep["latents"]
     assert {"num_latents", "num_positions", "latent_dim", "per_dim_mean", "per_dim_std", "ks_alpha", "kl_gauss_fit",
             "kl_diag_position_channel", "ks_fail_fraction", "ks_dims_tested"} <= set(lat)
     assert (rep["split"], rep["heldout_split"], rep["multiplicity"], rep["dtype"]) == ("train", "heldout", K, "float16")
     assert rep["heldout_samples"] == N_HELD and rep["stage_a_artifact_sha256"] == artifact_hash(world["art"])
-    # The report's statistics are those of the stored train latents (all K per sample, real positions).
+    # The report's statistics are those of the stored train latents (all K per sample, all T positions:
+    # every position is a modelled latent under the paper's design).
     z = np.stack([np.frombuffer(v[3], np.float16).reshape(K, T, D) for k, v in sorted(contents(clean).items())
                   if v[0] == "train"])
     m = np.stack([np.frombuffer(v[5], np.uint8) for k, v in sorted(contents(clean).items()) if v[0] == "train"])
-    ref = latent_stats(z.reshape(-1, T, D).astype(np.float32), np.repeat(m, K, axis=0), rep["latents"]["ks_alpha"])
-    assert lat["num_latents"] == N_TRAIN * K and lat["num_positions"] == ref["num_positions"] == K * int(m.sum())
+    ref = latent_stats(z.reshape(-1, T, D).astype(np.float32), None, rep["latents"]["ks_alpha"])
+    assert lat["num_latents"] == N_TRAIN * K and lat["num_positions"] == ref["num_positions"] == K * N_TRAIN * T
+    lp = rep["length_probe"]
+    assert lp["test"] == N_HELD and 0 <= lp["majority_baseline"] <= 1 and 0 <= lp["accuracy"] <= 1
     assert lat["kl_gauss_fit"]["nats_per_dim"] == pytest.approx(ref["kl_gauss_fit"]["nats_per_dim"], rel=1e-6)
     assert lat["kl_gauss_fit"]["nats_per_dim"] > 0  # an untrained flow is not N(0, I)
     assert 0 <= rep["recon_acc_heldout_from_u"] <= 1 and 0 <= rep["recon_acc_heldout_from_stored_z"] <= 1

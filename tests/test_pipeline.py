@@ -85,6 +85,12 @@ def test_paper_config_loads():
     m = cfg.stage_b.model
     assert (m.width, m.depth, m.heads, m.ffn) == (768, 12, 12, 2048)
     assert cfg.stage_b.train.restart_every == 50000 and cfg.stage_b.train.ema_decay == 0.999
+    # Table 7 / §G.3 and Table 6: mixing 0.30 x 0.90 of updates, the paper's evaluation protocol and sweep
+    sb, e = cfg.stage_b, cfg.evaluate
+    assert (sb.latent_mix_prob, sb.latent_mix_scale, sb.latent_mix_unit) == (0.3, 0.9, "update")
+    assert cfg.stage_a.pad_positions == "encoded" and sb.pad_weight == 1.0
+    assert e.protocol == "paper" and e.latent_scales == [0.8] and e.top_ps == [0.95] and e.num_samples == 1024
+    assert e.temperatures == [0.5, 0.6, 0.65, 0.7] and e.reference  # real test sentences, not training text
 
 
 # ----------------------------------------------------------------------------- whole pipeline (slow)

@@ -304,3 +304,34 @@ def test_p2_self_on_real_masked_export(tmp_path):
                                                              for i in (1, 2, 3)]
     nucleus = SampleSettings(temperature=1.0, steps=3, seed=1, proposal_top_p=0.5)
     assert not torch.equal(sample_p2_self(model, meta, range(4), nucleus, vocab_limit=151669), ids)
+
+
+def test_stage_a_only_sampler_from_the_stage_a_export(tmp_path):
+    """sample.kind=stage_a: z -> inverse flow -> Stage A decoder, loaded from the Stage A export and
+    sampled by the one-step path (records and all)."""
+    from coupling_dist import assets
+    from coupling_dist.config import DecoderConfig, FlowConfig, StageAConfig
+    from coupling_dist.models.stage_a import StageAModel
+    from coupling_dist.models.stage_a_export import export_stage_a
+    from coupling_dist.sample import generate_records, load_export
+
+    torch.manual_seed(0)
+    V = 151936
+    cfg = StageAConfig(latent_dim=4, flow=FlowConfig(layers=2, hidden=16, heads=2),
+                       decoder=DecoderConfig(width=16, depth=1, heads=2, ffn=32))
+    stage_a = StageAModel(8, V, cfg).eval()
+    for p in stage_a.flow.parameters():  # a non-identity flow, so the inverse matters
+        torch.nn.init.normal_(p, std=0.05)
+    tok_ident = assets.tokenizer_identity("asset:qwen2.5-tokenizer")
+    out = export_stage_a(stage_a, str(tmp_path / "stage_a" / "export"), {"seq_len": 6, "tokenizer": tok_ident})
+    model, meta = load_export(out, kind="stage_a")
+    assert meta["kind"] == "stage_a" and meta["eos_id"] == 151643 and meta["latent_dim"] == 4
+    z = torch.randn(3, 6, 4)
+    with torch.no_grad():
+        want = stage_a.decode(stage_a.from_gaussian(z))
+        torch.testing.assert_close(model(z), want, rtol=1e-5, atol=1e-5)
+    tok = assets.load_tokenizer("asset:qwen2.5-tokenizer")
+    s = SampleSettings(temperature=0.7, top_p=0.95, seed=3)
+    recs = generate_records(model, meta, tok, range(4), s, batch_size=2)
+    assert [r["index"] for r in recs] == list(range(4)) and all(len(r["all_ids"]) == 6 for r in recs)
+    assert recs == generate_records(model, meta, tok, range(4), s, batch_size=4)  # a function of (seed, index)

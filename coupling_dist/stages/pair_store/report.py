@@ -4,10 +4,12 @@ Latent-matching statistics for the pair store (Prop. 3.1: the one-step error is 
 decoder error plus the mismatch between the stored latents' marginal and N(0, I)).
 
 The statistics are pure functions of arrays, so they can be tested on synthetic Gaussians;
-``build_report`` applies them to the written store and adds held-out reconstruction and round trips.
+``build_report`` applies them to the written store and adds held-out reconstruction, round trips,
+and a length probe (``length_probe``: can a linear classifier read the sequence length off z?).
 
-Which marginal: latents are taken **per real position** (pads excluded), i.e. rows z[b, t, :] of
-width d pooled over samples and positions. The headline KL fits a Gaussian with mean and *full*
+Which marginal: latents are taken **per modelled position** -- every position under the paper's
+design (``stage_a.pad_positions=encoded``), real tokens only under the "passthrough" ablation --
+i.e. rows z[b, t, :] of width d pooled over samples and positions. The headline KL fits a Gaussian with mean and *full*
 d x d covariance to those rows and returns KL(N(mu, Sigma) || N(0, I)) in nats per position
 (also per dim). A second, diagonal estimate per (position, channel) is reported too: it sees
 position-dependent shifts/scales that pooling over positions would average away, but not
@@ -95,6 +97,51 @@ def latent_stats(z: np.ndarray, mask: Optional[np.ndarray], alpha: float) -> dic
     return out
 
 
+def length_probe(z_train: np.ndarray, len_train: np.ndarray, z_test: np.ndarray, len_test: np.ndarray,
+                 max_classes: int = 8, steps: int = 200, l2: float = 1e-3) -> dict:
+    """How much z tells about the sequence length (issue: the length must live in z).
+
+    A multinomial logistic regression on the flattened latent and its square ([z, z^2] of
+    [T * d] each: a linear probe that also sees variance differences, e.g. noise-like pads), fit
+    on train latents (full-batch L-BFGS, L2 ``l2``) to predict the length, bucketed into at most
+    ``max_classes`` quantile buckets of the train lengths; accuracy on held-out latents beside the
+    majority-class baseline (the most frequent train bucket's share of the held-out set)."""
+    import torch
+
+    edges = np.unique(np.quantile(len_train, np.linspace(0, 1, max_classes + 1)[1:-1]))
+    ytr = torch.from_numpy(np.searchsorted(edges, len_train, side="right")).long()
+    yte = torch.from_numpy(np.searchsorted(edges, len_test, side="right")).long()
+    n_cls = int(max(ytr.max(), yte.max())) + 1
+
+    def feats(z):
+        f = torch.from_numpy(np.asarray(z, dtype=np.float32)).flatten(1)
+        return torch.cat([f, f * f], 1)
+
+    xtr, xte = feats(z_train), feats(z_test)
+    mu, sd = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
+    xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
+    gen = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(xtr.shape[1], n_cls)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.01, generator=gen)
+        lin.bias.zero_()
+    opt = torch.optim.LBFGS(lin.parameters(), lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(lin(xtr), ytr) + l2 * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        acc = float((lin(xte).argmax(1) == yte).float().mean())
+    majority = int(torch.bincount(ytr, minlength=n_cls).argmax())
+    return {"accuracy": acc, "majority_baseline": float((yte == majority).float().mean()), "classes": n_cls,
+            "train": int(len(ytr)), "test": int(len(yte)),
+            "what": "multinomial logistic regression on [z, z^2] flattened, length in quantile buckets"}
+
+
 def format_table(report: dict) -> str:
     """A short human-readable table of the report's headline numbers."""
     ls = report.get("latents", {})
@@ -109,6 +156,9 @@ def format_table(report: dict) -> str:
         (f"KS fail fraction (alpha {ls.get('ks_alpha', '?')})",
          f"{ls['ks_fail_fraction']:.3f} of {ls['ks_dims_tested']}" if "ks_fail_fraction" in ls else "-"),
     ]
+    lp = report.get("length_probe") or {}
+    if "accuracy" in lp:
+        rows.append(("length probe acc (majority)", f"{lp['accuracy']:.3f} ({lp['majority_baseline']:.3f})"))
     for key, label in (("recon_acc_heldout_from_u", "recon acc heldout (from u)"),
                        ("recon_acc_heldout_from_stored_z", "recon acc heldout (from stored z)"),
                        ("roundtrip_z_u_z_max_abs", "round trip z->u->z max |err|"),
@@ -158,8 +208,14 @@ def build_report(cfg: Config, ctx: dict, model) -> dict:
     held_split = held[0] if held else train_split
     _, z, _, mask = _read_store(out_dir, train_split, ps.report_samples, ps.dtype)
     K = z.shape[1]
+    # Under the paper's design every position is a modelled latent; the ablation models real ones only.
+    scored = np.repeat(mask, K, axis=0) if model.cfg.pad_positions == "passthrough" else None
     report = {"split": train_split, "multiplicity": K, "dtype": ps.dtype,
-              "latents": latent_stats(z.reshape(-1, *z.shape[2:]), np.repeat(mask, K, axis=0), ps.ks_alpha)}
+              "latents": latent_stats(z.reshape(-1, *z.shape[2:]), scored, ps.ks_alpha)}
+    if held_split != train_split:  # does z tell the length? (train z -> held-out z)
+        _, hz_all, _, hmask = _read_store(out_dir, held_split, ps.report_samples, ps.dtype)
+        if len(hz_all) >= 10:
+            report["length_probe"] = length_probe(z[:, 0], mask.sum(1), hz_all[:, 0], hmask.sum(1))
     # Held-out reconstruction and round trips, on a bounded number of samples.
     n_rt = min(ps.report_samples, 256)
     src = []
@@ -181,7 +237,7 @@ def build_report(cfg: Config, ctx: dict, model) -> dict:
         u = model.encode_latent(feats, m, eps)
         correct += int((_predict(model, u, m) == tok)[m].sum())
         total += int(m.sum())
-        zf, _ = model.flow(u, m)
+        zf = model.to_gaussian(u, m)
         rt_uzu = max(rt_uzu, float((model.from_gaussian(zf, m) - u).abs().max()))
         if all(s["__key__"] in zmap for s in chunk):
             zs = torch.from_numpy(np.stack([zmap[s["__key__"]][0] for s in chunk])).to(dev)
