@@ -309,11 +309,11 @@ def test_p2_self_on_real_masked_export(tmp_path):
 def test_stage_a_only_sampler_from_the_stage_a_export(tmp_path):
     """sample.kind=stage_a: z -> inverse flow -> Stage A decoder, loaded from the Stage A export and
     sampled by the one-step path (records and all)."""
-    from coupling_dist import assets
+    from coupling_dist.components import assets
     from coupling_dist.config import DecoderConfig, FlowConfig, StageAConfig
     from coupling_dist.models.stage_a import StageAModel
     from coupling_dist.models.stage_a_export import export_stage_a
-    from coupling_dist.sample import generate_records, load_export
+    from coupling_dist.sampling.generate import generate_records, load_export
 
     torch.manual_seed(0)
     V = 151936
