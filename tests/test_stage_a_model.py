@@ -30,9 +30,10 @@ def batch(B: int = 4, seed: int = 0, lengths=(8, 5, 3, 8)):
 
 
 @pytest.mark.parametrize("kind", ["realnvp", "tarflow"])
-def test_pads_do_not_affect_loss_or_real_latents(kind):
+def test_passthrough_ablation_pads_do_not_affect_loss_or_real_latents(kind):
+    """The "passthrough" ablation (our earlier design): pads are noise the flow passes through."""
     torch.manual_seed(0)
-    model = StageAModel(H, V, tiny_cfg(kind))
+    model = StageAModel(H, V, tiny_cfg(kind, pad_positions="passthrough"))
     with torch.no_grad():  # leave identity init so the flow actually mixes positions
         for p in model.flow.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -56,14 +57,43 @@ def test_pads_do_not_affect_loss_or_real_latents(kind):
     assert torch.equal(u1[pad], eps[pad]) and torch.equal(z1[pad], eps[pad])
 
 
-def test_loss_terms_match_their_definitions():
+@pytest.mark.parametrize("kind", ["realnvp", "tarflow"])
+def test_every_position_is_encoded_and_scored(kind):
+    """The paper's design (Algorithm 1): what stands at the pads changes the loss and the latents
+    (z carries the length), and the flow runs without a mask: z = flow(u) on the whole block."""
+    torch.manual_seed(0)
+    model = StageAModel(H, V, tiny_cfg(kind))
+    with torch.no_grad():
+        for p in model.flow.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    feats, tokens, mask = batch()
+    eps = torch.randn(4, T, D)
+    f2, t2 = feats.clone(), tokens.clone()
+    pad = ~mask.bool()
+    f2[pad] = (torch.randn(int(pad.sum()), H) * 50).half()
+    t2[pad] = 7
+    l1, m1 = model.loss(feats, tokens, mask, step=0, eps=eps)
+    l2, m2 = model.loss(f2, t2, mask, step=0, eps=eps)
+    for k in ("ce", "kl", "flow_nll"):
+        assert not torch.allclose(m1[k], m2[k], atol=1e-4), k
+    u1 = model.encode_latent(feats, mask, eps)
+    mean, logvar = model.posterior(feats)
+    torch.testing.assert_close(u1, mean + (0.5 * logvar).exp() * eps)  # pads encoded like any position
+    torch.testing.assert_close(model.to_gaussian(u1, mask), model.flow(u1)[0])  # no mask
+    z2 = model.to_gaussian(model.encode_latent(f2, mask, eps), mask)
+    assert not torch.allclose(model.to_gaussian(u1, mask)[~pad], z2[~pad], atol=1e-4)  # the flow mixes positions
+
+
+@pytest.mark.parametrize("pad_positions", ["encoded", "passthrough"])
+def test_loss_terms_match_their_definitions(pad_positions):
     torch.manual_seed(1)
-    model = StageAModel(H, V, tiny_cfg(learned_logvar=True))
+    model = StageAModel(H, V, tiny_cfg(learned_logvar=True, pad_positions=pad_positions))
     feats, tokens, mask = batch(seed=1)
     eps = torch.randn(4, T, D)
     loss, m = model.loss(feats, tokens, mask, step=0, eps=eps)
     mean, logvar = model.posterior(feats)
-    real = mask.bool()
+    # the scored positions: all of them (the paper), real tokens only (the ablation)
+    real = torch.ones_like(mask, dtype=torch.bool) if pad_positions == "encoded" else mask.bool()
     q = torch.distributions.Normal(mean[real], (0.5 * logvar[real]).exp())
     kl_ref = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).mean()
     assert m["kl"].item() == pytest.approx(kl_ref.item(), rel=1e-5)
