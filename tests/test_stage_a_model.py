@@ -29,12 +29,12 @@ def batch(B: int = 4, seed: int = 0, lengths=(8, 5, 3, 8)):
     return feats, tokens, mask
 
 
-@pytest.mark.parametrize("kind", ["realnvp", "tarflow"])
-def test_passthrough_ablation_pads_do_not_affect_loss_or_real_latents(kind):
-    """The "passthrough" ablation (our earlier design): pads are noise the flow passes through."""
+def pads_changed(kind: str, pad_positions: str):
+    """A model with a non-identity flow (so it mixes positions), a batch, the same batch with other
+    features and tokens at its pads, and the loss on both."""
     torch.manual_seed(0)
-    model = StageAModel(H, V, tiny_cfg(kind, pad_positions="passthrough"))
-    with torch.no_grad():  # leave identity init so the flow actually mixes positions
+    model = StageAModel(H, V, tiny_cfg(kind, pad_positions=pad_positions))
+    with torch.no_grad():
         for p in model.flow.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     feats, tokens, mask = batch()
@@ -43,8 +43,15 @@ def test_passthrough_ablation_pads_do_not_affect_loss_or_real_latents(kind):
     pad = ~mask.bool()
     f2[pad] = (torch.randn(int(pad.sum()), H) * 50).half()
     t2[pad] = 7
-    l1, m1 = model.loss(feats, tokens, mask, step=0, eps=eps)
-    l2, m2 = model.loss(f2, t2, mask, step=0, eps=eps)
+    m1 = model.loss(feats, tokens, mask, step=0, eps=eps)
+    m2 = model.loss(f2, t2, mask, step=0, eps=eps)
+    return model, eps, (feats, tokens, mask, m1), (f2, t2, m2), pad
+
+
+@pytest.mark.parametrize("kind", ["realnvp", "tarflow"])
+def test_passthrough_ablation_pads_do_not_affect_loss_or_real_latents(kind):
+    """The "passthrough" ablation (our earlier design): pads are noise the flow passes through."""
+    model, eps, (feats, tokens, mask, (l1, m1)), (f2, t2, (l2, m2)), pad = pads_changed(kind, "passthrough")
     assert torch.allclose(l1, l2, atol=1e-6)
     for k in ("ce", "kl", "flow_nll", "rec_acc"):
         assert torch.allclose(m1[k], m2[k], atol=1e-6), k
@@ -61,19 +68,7 @@ def test_passthrough_ablation_pads_do_not_affect_loss_or_real_latents(kind):
 def test_every_position_is_encoded_and_scored(kind):
     """The paper's design (Algorithm 1): what stands at the pads changes the loss and the latents
     (z carries the length), and the flow runs without a mask: z = flow(u) on the whole block."""
-    torch.manual_seed(0)
-    model = StageAModel(H, V, tiny_cfg(kind))
-    with torch.no_grad():
-        for p in model.flow.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    feats, tokens, mask = batch()
-    eps = torch.randn(4, T, D)
-    f2, t2 = feats.clone(), tokens.clone()
-    pad = ~mask.bool()
-    f2[pad] = (torch.randn(int(pad.sum()), H) * 50).half()
-    t2[pad] = 7
-    l1, m1 = model.loss(feats, tokens, mask, step=0, eps=eps)
-    l2, m2 = model.loss(f2, t2, mask, step=0, eps=eps)
+    model, eps, (feats, tokens, mask, (l1, m1)), (f2, t2, (l2, m2)), pad = pads_changed(kind, "encoded")
     for k in ("ce", "kl", "flow_nll"):
         assert not torch.allclose(m1[k], m2[k], atol=1e-4), k
     u1 = model.encode_latent(feats, mask, eps)
