@@ -104,6 +104,7 @@ def check_rng_tracker() -> dict:
 def check_kd(tp: int) -> dict:
     """Vocab-parallel chunked CE + KD vs the naive full-logit loss (values and gradients)."""
     from coupling_dist.losses.kd_loss import naive_sequence_loss, sequence_loss
+    from coupling_dist.models.teacher import topk_from_logits
 
     mpu = init_parallel(tp, seed=0)
     group = mpu.get_tensor_model_parallel_group()
@@ -117,19 +118,22 @@ def check_kd(tp: int) -> dict:
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[0, 6:] = False
     out = {}
-    for eps, lam in ((0.0, 1.0), (0.2, 0.5)):
+    # the cached top-k teacher (k = 7, ids spread over every shard) against its grouped-KL definition
+    for eps, lam, k in ((0.0, 1.0, None), (0.2, 0.5, None), (0.1, 0.8, 7)):
         hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
         tot, ce, kd = naive_sequence_loss(hr @ wr.t(), tok, mask, teacher_logits=th @ wt.t(), kd_mask=mask,
-                                          label_smoothing=eps, lambda_kd=lam)
+                                          label_smoothing=eps, lambda_kd=lam, teacher_topk=k)
         gh_ref, gw_ref = torch.autograd.grad(tot, [hr, wr])
         Vl = V // n
         hs = h.clone().requires_grad_()
         ws = w[r * Vl:(r + 1) * Vl].clone().requires_grad_()
-        tot2, ce2, kd2 = sequence_loss(hs, tok, mask, ws, teacher_hidden=th, teacher_weight=wt[r * Vl:(r + 1) * Vl],
-                                       kd_mask=mask, label_smoothing=eps, lambda_kd=lam, vocab_start=r * Vl,
-                                       vocab_size=V, tp_group=group, chunk_rows=5, chunk_vocab=12)
+        teacher = ({"teacher_hidden": th, "teacher_weight": wt[r * Vl:(r + 1) * Vl]} if k is None
+                   else {"teacher_topk": topk_from_logits(th @ wt.t(), k, 2.0)})
+        tot2, ce2, kd2 = sequence_loss(hs, tok, mask, ws, kd_mask=mask, label_smoothing=eps, lambda_kd=lam,
+                                       vocab_start=r * Vl, vocab_size=V, tp_group=group, chunk_rows=5, chunk_vocab=12,
+                                       **teacher)
         gh, gw = torch.autograd.grad(tot2, [hs, ws])
-        key = f"eps{eps}"
+        key = f"eps{eps}" + (f"_top{k}" if k else "")
         out[key] = {"total": abs(float(tot.detach() - tot2.detach())), "ce": abs(float(ce - ce2)), "kd": abs(float(kd - kd2)),
                     "grad_h": maxdiff(gh, gh_ref), "grad_w": maxdiff(gather_vocab(gw.t(), group).t(), gw_ref),
                     "kd_value": float(kd.detach()), "ce_value": float(ce.detach())}

@@ -89,3 +89,54 @@ def test_vocab_parallel_equals_naive(tmp_path, nproc):
             assert case["kd_value"] > 0.1 and case["ce_value"] > 0.1
             for k in ("total", "ce", "kd", "grad_h", "grad_w"):
                 assert case[k] < 1e-5, (r, k, case)
+
+
+# --------------------------------------------------------------------------- cached top-k teacher
+
+
+def _cached(th, wt, k, temp):
+    from coupling_dist.models.teacher import topk_from_logits
+
+    return topk_from_logits(th @ wt.t(), k, temp)
+
+
+@pytest.mark.parametrize("chunk_vocab,chunk_rows", [(7, 4), (64, 100)])
+@pytest.mark.parametrize("k,temp", [(1, 2.0), (5, 1.5), (20, 2.0)])
+def test_cached_topk_equals_grouped_kl(chunk_vocab, chunk_rows, k, temp):
+    """Cached KD = the grouped KL (top-k buckets + one tail bucket, student grouped alike) computed
+    directly from the full teacher and student logits: values and gradients."""
+    h, w, th, wt, tok, mask = _case(4)
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    tot, ce, kd = sequence_loss(h1, tok, mask, w1, teacher_topk=_cached(th, wt, k, temp), kd_mask=mask,
+                                temperature=temp, lambda_kd=0.7, chunk_vocab=chunk_vocab, chunk_rows=chunk_rows)
+    gh, gw = torch.autograd.grad(tot, [h1, w1])
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    tot2, ce2, kd2 = naive_sequence_loss(h2 @ w2.t(), tok, mask, teacher_logits=th @ wt.t(), kd_mask=mask,
+                                         temperature=temp, lambda_kd=0.7, teacher_topk=k)
+    gh2, gw2 = torch.autograd.grad(tot2, [h2, w2])
+    assert kd2.item() > 1e-3
+    for a, b in ((tot, tot2), (ce, ce2), (kd, kd2)):
+        assert abs(a.item() - b.item()) < 1e-5 * max(1.0, abs(b.item())), (a, b)
+    torch.testing.assert_close(gh, gh2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw, gw2, atol=1e-5, rtol=1e-5)
+    # the grouped KL is a coarsening of the full one: never larger (data-processing inequality)
+    assert kd.item() <= sequence_loss(h, tok, mask, w, teacher_hidden=th, teacher_weight=wt, kd_mask=mask,
+                                      temperature=temp)[2].item() + 1e-6
+
+
+@pytest.mark.parametrize("chunk_vocab", [7, 64])
+def test_cached_all_ids_equals_live_kd(chunk_vocab):
+    """k = V: the tail is empty (log-mass -inf) and the cached KD is the full live KD."""
+    h, w, th, wt, tok, mask = _case(5)
+    V = w.shape[0]
+    ids, logp, tail = _cached(th, wt, V, 2.0)
+    assert torch.isinf(tail).all() and (tail < 0).all()
+    out = []
+    for kw in ({"teacher_topk": (ids, logp, tail)}, {"teacher_hidden": th, "teacher_weight": wt}):
+        h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+        tot, _, kd = sequence_loss(h1, tok, mask, w1, kd_mask=mask, chunk_vocab=chunk_vocab, chunk_rows=6, **kw)
+        out.append((tot, kd, *torch.autograd.grad(tot, [h1, w1])))
+    (a, ka, gha, gwa), (b, kb, ghb, gwb) = out
+    assert torch.isfinite(a) and abs(a.item() - b.item()) < 1e-5 and abs(ka.item() - kb.item()) < 1e-5
+    torch.testing.assert_close(gha, ghb, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gwa, gwb, atol=1e-5, rtol=1e-5)

@@ -28,3 +28,41 @@ def teacher_flops_per_token(model: nn.Module, seq_len: int, vocab: int) -> float
     head = model.get_output_embeddings().weight
     body = sum(p.numel() for p in model.parameters()) - emb - (0 if head is model.get_input_embeddings().weight else head.numel())
     return 2.0 * (body + conf.hidden_size * vocab) + 4.0 * seq_len * conf.hidden_size * conf.num_hidden_layers
+
+
+def teacher_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs (the teacher is frozen, inference only), fp32 on CPUs (no fast bf16 GEMMs)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def trunk_hidden(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The teacher's last hidden states [B, T, Ht] on ``tokens`` (no head: callers apply the head
+    chunked, or only a vocabulary shard of it)."""
+    base = getattr(model, model.base_model_prefix)
+    return base(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
+
+
+def topk_from_logits(logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of teacher logits [N, V] -> (top-k ids [N, k] int32, their log-probabilities at
+    ``temperature`` [N, k] fp32, log of the remaining mass [N] fp32). The tail is the log-sum-exp
+    of the other ids' log-probabilities (-inf when k = V), not log(1 - sum): exact when the top-k
+    hold nearly all the mass."""
+    logp = torch.log_softmax(logits.float() / temperature, -1)
+    vals, ids = torch.topk(logp, k, dim=-1)
+    tail = torch.logsumexp(logp.scatter(-1, ids, -float("inf")), -1)
+    return ids.to(torch.int32), vals, tail
+
+
+@torch.no_grad()
+def topk_logprobs(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, k: int, temperature: float,
+                  chunk_rows: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The KD cache of one batch: ``topk_from_logits`` at every teacher position, unshifted
+    (position t holds the prediction of token t + 1) -> [B, T, k], [B, T, k], [B, T]. Logits are
+    formed ``chunk_rows`` positions at a time: [B*T, V] at once would be gigabytes at V = 152k."""
+    h = trunk_hidden(model, tokens, mask)
+    B, T = tokens.shape
+    rows = h.reshape(B * T, -1)
+    head = model.get_output_embeddings().weight
+    parts = [topk_from_logits(rows[i:i + chunk_rows] @ head.t(), k, temperature) for i in range(0, B * T, chunk_rows)]
+    ids, logp, tail = (torch.cat(x) for x in zip(*parts))
+    return ids.reshape(B, T, k), logp.reshape(B, T, k), tail.reshape(B, T)
