@@ -172,6 +172,9 @@ class PairStoreConfig:
     artifact: Optional[str] = None  # exported Stage A dir; default run.dir/stage_a/export
     ray_workers: Optional[int] = _f(None, gt=0)  # run the ranks as this many Ray actors (single-process launch)
     device: str = _f("auto", choices=("auto", "cpu", "cuda"))
+    # >0: also store the KD teacher's (stage_b.kd.teacher, at stage_b.kd.temperature) top-k
+    # log-probabilities per position, so Stage B (stage_b.kd.source: cache) never runs the teacher
+    teacher_topk: int = _f(0, ge=0)
 
 
 @dataclass
@@ -193,6 +196,9 @@ class KDConfig:
     temperature: float = _f(2.0, gt=0)
     chunk_positions: int = _f(64, gt=0)  # rows of [B*T] per chunk
     chunk_vocab: int = _f(32768, gt=0)
+    # live: run the teacher every step; cache: its top-k from the pair store (pair_store.teacher_topk),
+    # worth it when the corpus is seen many times (the paper's LM1B run sees it about once: live)
+    source: str = _f("live", choices=("live", "cache"))
 
 
 @dataclass

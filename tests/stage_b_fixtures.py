@@ -10,7 +10,10 @@ import numpy as np
 
 
 def make_pair_store(run_dir: str, *, n_train: int = 96, n_heldout: int = 16, seq_len: int = 32, latent_dim: int = 16,
-                    K: int = 1, tokenizer: str = "asset:qwen2.5-tokenizer", shard_size: int = 48) -> str:
+                    K: int = 1, tokenizer: str = "asset:qwen2.5-tokenizer", shard_size: int = 48,
+                    teacher_topk: int = 0, teacher: str = "tiny:qwen2", temperature: float = 2.0) -> str:
+    """``teacher_topk`` > 0: also the KD cache of ``teacher`` at ``temperature``, written with the
+    pair-store writer's own functions (models.teacher), as ``pair_store.teacher_topk`` would."""
     from coupling_dist.components import assets
     from coupling_dist.data.shards import Manifest, write_shard
 
@@ -32,6 +35,24 @@ def make_pair_store(run_dir: str, *, n_train: int = 96, n_heldout: int = 16, seq
         arr = np.asarray(ids, np.int32)
         z = np.stack([table[arr] * 0.7 + 0.5 * rng.standard_normal((seq_len, latent_dim)) for _ in range(K)])
         samples.append({"__key__": f"{i:09d}", "z": z.astype(np.float16), "tokens": arr, "mask": mask})
+    extra = {"kind": "pair_store", "latent_dim": latent_dim, "multiplicity": K}
+    fields = {"z": {"dtype": "float16", "shape": [K, seq_len, latent_dim]}, "tokens": {"dtype": "int32", "shape": [seq_len]},
+              "mask": {"dtype": "uint8", "shape": [seq_len]}}
+    if teacher_topk:
+        import torch
+
+        from coupling_dist.models import teacher as tm
+
+        path = assets.resolve(teacher)
+        model = tm.load_teacher(path, torch.device("cpu"))
+        for j in range(0, len(samples), 32):
+            chunk = samples[j:j + 32]
+            tokens = torch.from_numpy(np.stack([x["tokens"] for x in chunk]).astype(np.int64))
+            mask = torch.from_numpy(np.stack([x["mask"] for x in chunk]))
+            for x, c in zip(chunk, tm.cache_arrays(model, tokens, mask, teacher_topk, temperature)):
+                x.update(c)
+        fields.update(tm.cache_fields(seq_len, teacher_topk))
+        extra["teacher_cache"] = tm.cache_record(teacher, path, temperature, teacher_topk)
     records = []
     for split, chunk in (("train", samples[:n_train]), ("heldout", samples[n_train:])):
         for j in range(0, len(chunk), shard_size):
@@ -39,9 +60,6 @@ def make_pair_store(run_dir: str, *, n_train: int = 96, n_heldout: int = 16, seq
             rec = write_shard(path, chunk[j:j + shard_size])
             rec["split"] = split
             records.append(rec)
-    fields = {"z": {"dtype": "float16", "shape": [K, seq_len, latent_dim]}, "tokens": {"dtype": "int32", "shape": [seq_len]},
-              "mask": {"dtype": "uint8", "shape": [seq_len]}}
-    man = Manifest.for_pairs(out, records, fields=fields, seq_len=seq_len, tokenizer=ident, encoder={},
-                             extra={"kind": "pair_store", "latent_dim": latent_dim, "multiplicity": K})
+    man = Manifest.for_pairs(out, records, fields=fields, seq_len=seq_len, tokenizer=ident, encoder={}, extra=extra)
     man.save(out)
     return out

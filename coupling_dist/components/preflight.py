@@ -33,3 +33,25 @@ def check_writable(path: str, what: str = "run.dir") -> None:
     if free < MIN_FREE_BYTES:
         raise PreflightError(f"{what} '{path}' has only {free / 2**20:.0f} MiB free "
                              f"(need at least {MIN_FREE_BYTES / 2**20:.0f} MiB; COUPLING_DIST_MIN_FREE_MB)")
+
+
+def teacher_path(ref: str) -> str:
+    """The resolved path of ``stage_b.kd.teacher`` (a HF causal LM directory or a loadable hub id)."""
+    from . import assets
+
+    path = assets.resolve(ref)
+    if os.path.exists(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise PreflightError(f"stage_b.kd.teacher: '{path}' has no config.json (not a HF model directory)")
+        return path
+    looks_like_path = ref.startswith((".", "/", "~")) or ref.count("/") != 1
+    if looks_like_path:
+        raise PreflightError(f"stage_b.kd.teacher: '{ref}' does not exist (expected a HF causal LM directory, "
+                                   f"a hub id, or a tiny:/asset: reference)")
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(path)
+    except Exception as e:  # offline hub ids fail here, before any training
+        raise PreflightError(f"stage_b.kd.teacher: '{ref}' is neither a directory nor a loadable hub id ({e})") from None
+    return path

@@ -66,3 +66,35 @@ def topk_logprobs(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, k:
     parts = [topk_from_logits(rows[i:i + chunk_rows] @ head.t(), k, temperature) for i in range(0, B * T, chunk_rows)]
     ids, logp, tail = (torch.cat(x) for x in zip(*parts))
     return ids.reshape(B, T, k), logp.reshape(B, T, k), tail.reshape(B, T)
+
+
+# --------------------------------------------------------------------------- the pair store's KD cache
+# Fields per sample (k = pair_store.teacher_topk): ids int32 [T, k]; log-probabilities at the KD
+# temperature float32 [T, k] -- not float16: fp16 keeps ~3 significant digits, so a log-prob of -9
+# would be off by up to 0.004 nats (0.4 % of its probability) and the tail log-mass of a peaked row
+# far more, while the ids (int32) already cost as much as fp32 values, so fp16 would save at most
+# a quarter of the cache; tail log-mass float32 [T] (-inf when the top-k hold all the mass).
+CACHE_FIELDS = ("teacher_ids", "teacher_logp", "teacher_tail")
+
+
+def cache_fields(seq_len: int, k: int) -> dict:
+    """Manifest field specs of the KD cache."""
+    return {"teacher_ids": {"dtype": "int32", "shape": [seq_len, k]},
+            "teacher_logp": {"dtype": "float32", "shape": [seq_len, k]},
+            "teacher_tail": {"dtype": "float32", "shape": [seq_len]}}
+
+
+def cache_record(ref: str, path: str, temperature: float, k: int) -> dict:
+    """What made a KD cache (the pair-store manifest's ``teacher_cache``): Stage B refuses a cache
+    whose teacher identity hash or temperature differ from ``stage_b.kd``."""
+    from ..components import assets
+
+    return {"teacher": {"name": ref, "hash": assets.identity(path)["hash"]}, "temperature": float(temperature),
+            "topk": int(k)}
+
+
+def cache_arrays(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, k: int, temperature: float) -> list[dict]:
+    """The KD cache of a batch as one dict of numpy arrays per sample (the shard format)."""
+    ids, logp, tail = topk_logprobs(model, tokens, mask, k, temperature)
+    ids, logp, tail = ids.cpu().numpy(), logp.float().cpu().numpy(), tail.float().cpu().numpy()
+    return [dict(zip(CACHE_FIELDS, (ids[j], logp[j], tail[j]))) for j in range(tokens.shape[0])]

@@ -8,7 +8,9 @@ otherwise (exit status 2). After all ranks finished, rank 0 writes the manifest 
 latent-matching report ``run.dir/pair_store/report.json`` (``report``).
 
 Output: ``run.dir/pair_store/`` is a normal shard set (fields ``z`` [K, T, d] in
-``pair_store.dtype``, ``tokens``, ``mask``), read by Stage B through the same ShardLoader.
+``pair_store.dtype``, ``tokens``, ``mask``; with ``pair_store.teacher_topk`` = k > 0 also the KD
+teacher's top-k cache ``teacher_ids`` / ``teacher_logp`` / ``teacher_tail``, ``models.teacher``),
+read by Stage B through the same ShardLoader.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from ...components.paths import stage_dir
 from ...config import Config
 from ...data.shard_job import ShardJob
 from ...models.stage_a_export import load_stage_a
+from ...models.teacher import cache_fields, load_teacher, teacher_dtype
 from . import writer
 from .preflight import prepare
 from .report import build_report, format_table
@@ -53,10 +56,14 @@ def write_manifest(cfg: Config, ctx: dict) -> dict:
     T, d, K = info["seq_len"], int(meta["latent_dim"]), ps.multiplicity
     fields = {"z": {"dtype": ps.dtype, "shape": [K, T, d]}, "tokens": {"dtype": "int32", "shape": [T]},
               "mask": {"dtype": "uint8", "shape": [T]}}
+    if ctx["teacher_cache"]:
+        fields.update(cache_fields(T, ctx["teacher_cache"]["topk"]))
     extra = {"kind": "pair_store", "stage_a_artifact": {"path": os.path.abspath(ctx["artifact"]),
                                                         "sha256": ctx["artifact_hash"]},
              "source": {"path": os.path.abspath(ctx["data_dir"]), "shard_set_sha256": ctx["source_hash"]},
              "settings": ctx["settings"], "latent_dim": d, "multiplicity": K}
+    if ctx["teacher_cache"]:  # which teacher and temperature made the cache: Stage B checks it
+        extra["teacher_cache"] = ctx["teacher_cache"]
     man = Manifest.for_pairs(out_dir, [done[e["name"]] for e in plan], fields=fields, seq_len=T,
                              tokenizer=info["tokenizer"], encoder=info["encoder"], extra=extra)
     man.save(out_dir)
@@ -88,10 +95,15 @@ def rank_main(cfg: Config) -> dict:
     ctx = prepare(cfg)  # every rank refuses a mismatched artifact before any work
     model, _ = load_stage_a(ctx["artifact"], pick_device(cfg))  # loaded once: the report reuses it
     ps = cfg.pair_store
+    cache = None
+    if ctx["teacher_cache"]:
+        dev = pick_device(cfg)
+        cache = {"model": load_teacher(ctx["teacher_path"], dev, teacher_dtype(dev)), "k": ps.teacher_topk,
+                 "temperature": cfg.stage_b.kd.temperature}
     work = writer.run_rank(model=model, source_dir=ctx["data_dir"], plan=ctx["plan"], out_dir=ctx["out_dir"],
                            rank=rank, world=world, seed=cfg.run.seed, K=ps.multiplicity, dtype=ps.dtype,
                            batch_size=ps.batch_size, artifact_hash=ctx["artifact_hash"], settings=ctx["settings"],
-                           device=pick_device(cfg), log=LOG.info)
+                           device=pick_device(cfg), log=LOG.info, teacher_cache=cache)
     results = _gather(work, world)
     summary: dict = {"ranks": results}
     if rank == 0:

@@ -4,13 +4,16 @@ rank -- and the Ray driver -- may call ``prepare``). The Stage A artifact must f
 from __future__ import annotations
 
 import os
+from typing import Optional
 
+from ...components import assets
 from ...components.paths import data_dir, pair_store_dir, stage_a_artifact
-from ...components.preflight import PreflightError
+from ...components.preflight import PreflightError, teacher_path
 from ...config import Config
 from ...data.shard_job import fingerprint
 from ...data.source import DataMismatchError, describe_source
 from ...models.stage_a_export import artifact_hash, read_meta
+from ...models.teacher import cache_record
 
 
 def check_artifact(meta: dict, info: dict, art: str, src_dir: str) -> None:
@@ -67,7 +70,34 @@ def _prepare(cfg: Config) -> dict:
         raise DataMismatchError(f"{os.path.join(src_dir, 'manifest.json')}: lists no shards")
     ps = cfg.pair_store
     settings = {"seed": cfg.run.seed, "multiplicity": ps.multiplicity, "dtype": ps.dtype, "batch_size": ps.batch_size}
+    t_path, cache = teacher_cache(cfg, info, src_dir)
+    if cache:  # only then: stores written without a cache keep their fingerprints
+        settings["teacher_cache"] = cache
     src_hash = fingerprint([[e["name"], e.get("count"), e.get("sha256")] for e in plan])
     return {"data_dir": src_dir, "artifact": art, "meta": meta, "info": info, "plan": plan,
             "settings": settings, "artifact_hash": artifact_hash(art), "source_hash": src_hash,
-            "out_dir": pair_store_dir(cfg)}
+            "out_dir": pair_store_dir(cfg), "teacher_path": t_path, "teacher_cache": cache}
+
+
+def teacher_cache(cfg: Config, info: dict, src_dir: str) -> tuple[Optional[str], Optional[dict]]:
+    """(teacher path, the cache record) for ``pair_store.teacher_topk`` > 0, else (None, None). The
+    teacher is ``stage_b.kd.teacher``: it must exist, share the shards' tokenizer, have >= k ids."""
+    k = cfg.pair_store.teacher_topk
+    if not k:
+        return None, None
+    kd = cfg.stage_b.kd
+    if kd.teacher is None:
+        raise PreflightError(f"pair_store.teacher_topk = {k} caches the KD teacher, but stage_b.kd.teacher is null")
+    path = teacher_path(kd.teacher)
+    t_tok, s_tok = assets.tokenizer_identity(path), info["tokenizer"]
+    if s_tok.get("hash") and t_tok["hash"] != s_tok["hash"]:
+        raise PreflightError(f"pair_store.teacher_topk: stage_b.kd.teacher '{kd.teacher}' uses tokenizer "
+                             f"{t_tok['name']!r} (hash {t_tok['hash']}) but the source shards "
+                             f"{os.path.join(src_dir, 'manifest.json')} use {s_tok.get('name')!r} (hash "
+                             f"{s_tok['hash']}); the teacher's cache needs the same tokenizer")
+    from transformers import AutoConfig
+
+    t_vocab = int(AutoConfig.from_pretrained(path, local_files_only=os.path.isdir(path)).vocab_size)
+    if k > t_vocab:
+        raise PreflightError(f"pair_store.teacher_topk = {k} exceeds the teacher's vocabulary ({t_vocab})")
+    return path, cache_record(kd.teacher, path, kd.temperature, k)

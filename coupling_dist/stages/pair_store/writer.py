@@ -10,7 +10,9 @@ depend only on (artifact, source shard, settings) -- not on the number of ranks 
 
 Completion: the resumable shard job (``data.shard_job``) writes each unit's shard, then its
 sidecar record; a unit's fingerprint covers the artifact hash, the source shard and the settings.
-A re-run skips done units and (re)does everything else. The manifest (written last, by rank 0
+A re-run skips done units and (re)does everything else. With ``pair_store.teacher_topk`` the
+settings include the KD cache record (teacher identity, temperature, k), so changing the teacher
+redoes every unit. The manifest (written last, by rank 0
 after every rank finished) lists only done units, so a rank that dies never leaves a listed
 partial shard.
 """
@@ -29,6 +31,7 @@ from ...data import shards as sh
 from ...data.dtypes import to_stored
 from ...data.shard_job import ShardJob
 from ...data.shard_job import fingerprint as unit_fingerprint
+from ...models.teacher import cache_arrays
 
 
 def sample_seed(seed: int, key: str, k: int) -> int:
@@ -57,8 +60,10 @@ def units(plan: list[dict], artifact_hash: str, settings: dict) -> list[tuple[st
 
 @torch.no_grad()
 def encode_samples(model, samples: list[dict], *, seed: int, K: int, dtype: str, batch_size: int,
-                   device="cpu") -> list[dict]:
-    """Source samples (``__key__``, tokens, mask, features) -> pair samples (``__key__``, z, tokens, mask)."""
+                   device="cpu", teacher_cache: Optional[dict] = None) -> list[dict]:
+    """Source samples (``__key__``, tokens, mask, features) -> pair samples (``__key__``, z, tokens,
+    mask, and with ``teacher_cache`` = {model, k, temperature} the KD cache fields of
+    ``models.teacher.cache_arrays``: the teacher sees the same batches whatever the rank count)."""
     out: list[dict] = []
     d = model.latent_dim
     for i in range(0, len(samples), batch_size):
@@ -73,15 +78,19 @@ def encode_samples(model, samples: list[dict], *, seed: int, K: int, dtype: str,
             zs.append(model.to_gaussian(u, mask).float())
         z = torch.stack(zs, dim=1)  # [B, K, T, d]
         zn = to_stored(z, dtype)
+        cache = [{}] * len(chunk)
+        if teacher_cache is not None:
+            tokens = torch.from_numpy(np.stack([s["tokens"] for s in chunk]).astype(np.int64)).to(device)
+            cache = cache_arrays(teacher_cache["model"], tokens, mask, teacher_cache["k"], teacher_cache["temperature"])
         for j, s in enumerate(chunk):
             out.append({"__key__": s["__key__"], "z": zn[j], "tokens": np.asarray(s["tokens"]),
-                        "mask": np.asarray(s["mask"])})
+                        "mask": np.asarray(s["mask"]), **cache[j]})
     return out
 
 
 def run_rank(*, model, source_dir: str, plan: list[dict], out_dir: str, rank: int, world: int, seed: int,
              K: int, dtype: str, batch_size: int, artifact_hash: str, settings: dict, device="cpu",
-             log: Optional[Callable[[str], None]] = None) -> dict:
+             log: Optional[Callable[[str], None]] = None, teacher_cache: Optional[dict] = None) -> dict:
     """Encode this rank's units (``plan[rank::world]``); return counts. Uses no collectives, so the
     same function serves torchrun/srun ranks and Ray actors."""
     job = ShardJob(out_dir)
@@ -95,7 +104,8 @@ def run_rank(*, model, source_dir: str, plan: list[dict], out_dir: str, rank: in
             continue
         faults.point("pair_store.unit", rank=rank, done=done)
         src = sh.read_shard(os.path.join(source_dir, entry["name"]))
-        pairs = encode_samples(model, src, seed=seed, K=K, dtype=dtype, batch_size=batch_size, device=device)
+        pairs = encode_samples(model, src, seed=seed, K=K, dtype=dtype, batch_size=batch_size, device=device,
+                               teacher_cache=teacher_cache)
         job.write(entry["name"], pairs, fp, split=entry["split"], source_sha256=entry.get("sha256"))
         done += 1
         samples += len(pairs)

@@ -37,7 +37,7 @@ def train(cfg: Config) -> dict:
         LOG.info("parallel layout: %s", dims.mpu.describe())
     task = StageBTask(cfg, task_info, dims)
     # TP ranks of one group read the same data: the loaders are sharded by the DP rank only
-    loaders = build_loaders(task_info["store"], ["z", "tokens", "mask"], cfg.stage_b.train.batch_size, cfg,
+    loaders = build_loaders(task_info["store"], task.fields(), cfg.stage_b.train.batch_size, cfg,
                             dims.dp_rank, dims.dp_world)
     summary, layout = train_and_export(cfg, "stage_b", task, loaders, generator_export(cfg),
                                        ("loss", "ce", "kd", "mfu"))

@@ -1,5 +1,6 @@
 """Stage B pre-flight, before any training: the pair store exists and its latent width equals
-``stage_a.latent_dim``; the KD teacher exists and shares the pair store's tokenizer; ``stage_b.tp``
+``stage_a.latent_dim``; the KD teacher exists and shares the pair store's tokenizer (with
+``stage_b.kd.source: cache``, the store's KD cache was made by that teacher at that temperature); ``stage_b.tp``
 divides the world size, the heads, the FFN and the teacher vocabulary; the global batch splits over
 the data-parallel ranks. Every refusal is a ``PreflightError`` (exit status 2) naming the key/path.
 ``checked_task_info`` returns what the task needs (shapes, vocabulary, teacher, special ids).
@@ -11,9 +12,10 @@ import os
 
 from ...components import assets
 from ...components.paths import pair_store_dir
-from ...components.preflight import PreflightError, require_file
+from ...components.preflight import PreflightError, require_file, teacher_path
 from ...config import Config
 from ...distributed.parallel_state import check_layout
+from ...models.teacher import CACHE_FIELDS, cache_record
 
 
 def checked_task_info(cfg: Config, world: int) -> dict:
@@ -27,25 +29,6 @@ def checked_task_info(cfg: Config, world: int) -> dict:
 
 def _round_up(n: int, m: int) -> int:
     return int(math.ceil(n / m) * m)
-
-
-def _teacher_path(ref: str) -> str:
-    path = assets.resolve(ref)
-    if os.path.exists(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise PreflightError(f"stage_b.kd.teacher: '{path}' has no config.json (not a HF model directory)")
-        return path
-    looks_like_path = ref.startswith((".", "/", "~")) or ref.count("/") != 1
-    if looks_like_path:
-        raise PreflightError(f"stage_b.kd.teacher: '{ref}' does not exist (expected a HF causal LM directory, "
-                                   f"a hub id, or a tiny:/asset: reference)")
-    try:
-        from transformers import AutoConfig
-
-        AutoConfig.from_pretrained(path)
-    except Exception as e:  # offline hub ids fail here, before any training
-        raise PreflightError(f"stage_b.kd.teacher: '{ref}' is neither a directory nor a loadable hub id ({e})") from None
-    return path
 
 
 def preflight(cfg: Config) -> dict:
@@ -74,7 +57,7 @@ def preflight(cfg: Config) -> dict:
     masked = cfg.stage_b.model.kind == "masked"
     teacher = None
     if kd.teacher is not None and kd.weight > 0:
-        path = _teacher_path(kd.teacher)
+        path = teacher_path(kd.teacher)
         t_tok = assets.tokenizer_identity(path)
         if tok.get("hash") and t_tok["hash"] != tok["hash"]:
             raise PreflightError(
@@ -92,7 +75,9 @@ def preflight(cfg: Config) -> dict:
             raise PreflightError(f"stage_b.tp ({tp}) must divide the teacher vocabulary ({t_vocab}) for the "
                                        f"vocab-parallel head")
         teacher = {"path": path, "ref": kd.teacher, "vocab_size": t_vocab, "hidden": int(tconf.hidden_size),
-                   "identity": assets.identity(path)}
+                   "identity": assets.identity(path), "source": kd.source}
+        if kd.source == "cache":
+            check_cache(man, where, cfg, path)
         vocab = t_vocab  # student head split exactly like the teacher's
     else:
         # A multiple of 1024 for TP <= 8: the head's shape then does not depend on TP, so a
@@ -102,3 +87,26 @@ def preflight(cfg: Config) -> dict:
     return {"store": store, "manifest": man, "K": K, "seq_len": T, "latent_dim": d, "vocab_size": vocab,
             "tokenizer": tok, "tok_vocab": tok_vocab, "teacher": teacher, "mask_token_id": mask_id,
             "eos_id": tok.get("eos_id"), "pad_id": tok.get("pad_id")}
+
+
+def check_cache(man: dict, where: str, cfg: Config, path: str) -> None:
+    """``stage_b.kd.source: cache``: the pair store holds a KD cache made by this teacher at this
+    temperature (the manifest's ``teacher_cache``); otherwise KD would silently distil another model."""
+    kd = cfg.stage_b.kd
+    rec = man.get("teacher_cache")
+    missing = [f for f in CACHE_FIELDS if f not in (man.get("fields") or {})]
+    if not rec or missing:
+        raise PreflightError(f"stage_b.kd.source = cache but the pair store {where} holds no KD teacher cache "
+                             f"(fields {missing or list(CACHE_FIELDS)}); rebuild it with pair_store.teacher_topk > 0 "
+                             f"or set stage_b.kd.source=live")
+    want = cache_record(kd.teacher, path, kd.temperature, int(rec.get("topk", 0)))
+    problems = []
+    if (rec.get("teacher") or {}).get("hash") != want["teacher"]["hash"]:
+        problems.append(f"stage_b.kd.teacher: cache made by {rec.get('teacher')} but the config's teacher is "
+                        f"{want['teacher']}")
+    if abs(float(rec.get("temperature", -1.0)) - want["temperature"]) > 1e-9:
+        problems.append(f"stage_b.kd.temperature: cache made at {rec.get('temperature')} but the config says "
+                        f"{want['temperature']}")
+    if problems:
+        raise PreflightError(f"{where}: the KD teacher cache does not match stage_b.kd: " + "; ".join(problems)
+                             + " (rebuild the pair store with this teacher/temperature, or set stage_b.kd.source=live)")

@@ -16,7 +16,9 @@ and the parallel layout (``distributed.parallelize.build_parallel_dims``). The t
   of a group must see the same inputs, and a resumed run replays them exactly;
 - loss = CE + lambda_KD * KD from ``losses.kd_loss`` (chunked, vocab-parallel under TP); the frozen
   teacher (a HF causal LM, not part of the trained module, so neither DeepSpeed nor the EMA sees
-  it) runs its trunk on the ground-truth tokens and only its head *shard* enters the loss;
+  it) runs its trunk on the ground-truth tokens and only its head *shard* enters the loss; with
+  ``stage_b.kd.source: cache`` the teacher is never loaded and its top-k cache from the pair store
+  (``pair_store.teacher_topk``) enters the loss instead;
 - exports the EMA generator (full TP = 1 weights via ``gather_full_state_dict``) for sampling.
 """
 from __future__ import annotations
@@ -33,7 +35,7 @@ from ...config import Config
 from ...distributed.parallelize import ParallelDims, parallelize
 from ...losses.kd_loss import sequence_loss
 from ...models.generator import Generator, export_generator
-from ...models.teacher import load_teacher, teacher_flops_per_token
+from ...models.teacher import CACHE_FIELDS, load_teacher, teacher_dtype, teacher_flops_per_token, trunk_hidden
 
 
 class StageBTask:
@@ -61,12 +63,20 @@ class StageBTask:
         return partition_dims(self.model)
 
     def teacher(self, device: torch.device) -> Optional[nn.Module]:
-        if self.info["teacher"] is None:
+        """The live teacher; None without KD or with ``stage_b.kd.source: cache`` (never loaded then)."""
+        if self.info["teacher"] is None or self.cached_kd:
             return None
         if self._teacher is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            self._teacher = load_teacher(self.info["teacher"]["path"], device, dtype)
+            self._teacher = load_teacher(self.info["teacher"]["path"], device, teacher_dtype(device))
         return self._teacher
+
+    @property
+    def cached_kd(self) -> bool:
+        return self.info["teacher"] is not None and self.info["teacher"].get("source") == "cache"
+
+    def fields(self) -> list[str]:
+        """The pair-store fields a batch needs."""
+        return ["z", "tokens", "mask"] + (list(CACHE_FIELDS) if self.cached_kd else [])
 
     # ------------------------------------------------------------------ batches
 
@@ -119,20 +129,22 @@ class StageBTask:
         w, start, V = head_shard(model)
         kd = self.cfg.stage_b.kd
         teacher = self.teacher(h.device)
-        th = wt = None
+        th = wt = cached = None
         if teacher is not None:
             with torch.no_grad():
-                base = getattr(teacher, teacher.base_model_prefix)
-                th = base(input_ids=tokens, attention_mask=mask.long()).last_hidden_state.to(h.dtype)
+                th = trunk_hidden(teacher, tokens, mask).to(h.dtype)
                 wt = teacher.get_output_embeddings().weight[start:start + w.shape[0]].to(h.dtype)
+        elif self.cached_kd:  # the teacher's top-k from the pair store (global ids: the loss shards them)
+            cached = tuple(batch[f].to(h.device) for f in CACHE_FIELDS)
+        has_kd = teacher is not None or cached is not None
         size, _, group = tp_info(model)
         # KD where the causal teacher is defined: real tokens and the first EOS (masked denoiser:
         # only the masked ones among them, the positions the denoiser predicts).
         kd_mask = mask if x_t is None else mask & (ce_weight > 0)
         total, ce, kdv = sequence_loss(h, tokens, ce_weight, w, teacher_hidden=th, teacher_weight=wt,
-                                       kd_mask=kd_mask if teacher is not None else None,
+                                       teacher_topk=cached, kd_mask=kd_mask if has_kd else None,
                                        temperature=kd.temperature, label_smoothing=self.cfg.stage_b.label_smoothing,
-                                       lambda_kd=kd.weight if teacher is not None else 0.0, vocab_start=start,
+                                       lambda_kd=kd.weight if has_kd else 0.0, vocab_start=start,
                                        vocab_size=V, tp_group=group if size > 1 else None,
                                        chunk_rows=kd.chunk_positions, chunk_vocab=kd.chunk_vocab)
         return total, {"ce": ce, "kd": kdv}
@@ -154,7 +166,7 @@ class StageBTask:
         gen = self.model or Generator(self.cfg.stage_b.model, i["latent_dim"], i["seq_len"], i["vocab_size"],
                                       i["mask_token_id"])
         out = {"student": gen.flops_per_sample(i["seq_len"])}
-        if i["teacher"] is not None:
+        if i["teacher"] is not None and not self.cached_kd:  # a cached teacher costs no FLOPs here
             out["teacher"] = teacher_flops_per_token(self.teacher(D.device()), i["seq_len"], i["vocab_size"]) * i["seq_len"]
         return out
 
