@@ -17,7 +17,12 @@ and the parallel layout (``distributed.parallelize.build_parallel_dims``). The t
 - loss = CE + lambda_KD * KD from ``losses.kd_loss`` (chunked, vocab-parallel under TP); the frozen
   teacher (a HF causal LM, not part of the trained module, so neither DeepSpeed nor the EMA sees
   it) runs its trunk on the ground-truth tokens and only its head *shard* enters the loss;
-- exports the EMA generator (full TP = 1 weights via ``gather_full_state_dict``) for sampling.
+- under ``data.vocab: corpus`` the head rows are the pair store's compact ids (``data/vocab.py``):
+  CE targets and x_t are mapped to them, the teacher still reads tokenizer ids, and its head is
+  restricted to the compact ids (KD against the renormalised restricted teacher: an
+  approximation of the full-vocabulary KD, see ``losses/kd_loss.py``);
+- exports the EMA generator (full TP = 1 weights via ``gather_full_state_dict``) for sampling,
+  with the compact ids so samplers map back to tokenizer ids.
 """
 from __future__ import annotations
 
@@ -43,6 +48,8 @@ class StageBTask:
         self.mpu = self.dims.mpu  # the model-parallel groups DeepSpeed and the Trainer read
         self.model: Optional[Generator] = None
         self._teacher: Optional[nn.Module] = None
+        self.vocab = info.get("vocab")  # CompactVocab, or None: the head spans the tokenizer vocabulary
+        self._teacher_rows: Optional[torch.Tensor] = None  # the teacher head in this student's row order
 
     # ------------------------------------------------------------------ model
 
@@ -59,6 +66,16 @@ class StageBTask:
         from ...distributed.tensor_parallel import partition_dims
 
         return partition_dims(self.model)
+
+    def teacher_head(self, teacher: nn.Module) -> torch.Tensor:
+        """The teacher's output rows aligned with the student's head rows (all V of them): the
+        compact ids' rows, zero-padded, under ``data.vocab: corpus`` (gathered once: frozen)."""
+        weight = teacher.get_output_embeddings().weight
+        if self.vocab is None:
+            return weight
+        if self._teacher_rows is None:
+            self._teacher_rows = self.vocab.restrict(weight, rows=self.info["vocab_size"])
+        return self._teacher_rows
 
     def teacher(self, device: torch.device) -> Optional[nn.Module]:
         if self.info["teacher"] is None:
@@ -91,6 +108,8 @@ class StageBTask:
         k = torch.randint(0, K, (B,), generator=g) if (train and K > 1) else torch.zeros(B, dtype=torch.long)
         z = z_all[torch.arange(B), k.to(dev)].float()
         tokens, mask = batch["tokens"].long(), batch["mask"].bool()
+        if self.vocab is not None:  # the head's row ids (the teacher reads batch["tokens"] itself)
+            tokens = self.vocab.to_compact(tokens)
         sb = self.cfg.stage_b
         if train and sb.latent_mix_prob > 0:
             if sb.latent_mix_unit == "update":  # one draw per update, the same on every rank
@@ -123,8 +142,9 @@ class StageBTask:
         if teacher is not None:
             with torch.no_grad():
                 base = getattr(teacher, teacher.base_model_prefix)
-                th = base(input_ids=tokens, attention_mask=mask.long()).last_hidden_state.to(h.dtype)
-                wt = teacher.get_output_embeddings().weight[start:start + w.shape[0]].to(h.dtype)
+                th = base(input_ids=batch["tokens"].long().to(h.device),
+                          attention_mask=mask.long()).last_hidden_state.to(h.dtype)
+                wt = self.teacher_head(teacher)[start:start + w.shape[0]].to(h.dtype)
         size, _, group = tp_info(model)
         # KD where the causal teacher is defined: real tokens and the first EOS (masked denoiser:
         # only the masked ones among them, the positions the denoiser predicts).
@@ -134,7 +154,9 @@ class StageBTask:
                                        temperature=kd.temperature, label_smoothing=self.cfg.stage_b.label_smoothing,
                                        lambda_kd=kd.weight if teacher is not None else 0.0, vocab_start=start,
                                        vocab_size=V, tp_group=group if size > 1 else None,
-                                       chunk_rows=kd.chunk_positions, chunk_vocab=kd.chunk_vocab)
+                                       chunk_rows=kd.chunk_positions, chunk_vocab=kd.chunk_vocab,
+                                       # compact head: no teacher mass on padding rows or the mask token
+                                       teacher_vocab=None if self.vocab is None else self.vocab.size)
         return total, {"ce": ce, "kd": kdv}
 
     def loss(self, model, batch: dict, step: int):
@@ -163,7 +185,8 @@ class StageBTask:
         return {"latent_dim": i["latent_dim"], "seq_len": i["seq_len"], "vocab_size": i["vocab_size"],
                 "kind": self.cfg.stage_b.model.kind, "mask_token_id": i["mask_token_id"], "eos_id": i["eos_id"],
                 "pad_id": i["pad_id"], "tokenizer": i["tokenizer"], "tokenizer_vocab_size": i["tok_vocab"],
-                "teacher": (i["teacher"] or {}).get("identity"), "pair_store": os.path.abspath(i["store"])}
+                "teacher": (i["teacher"] or {}).get("identity"), "pair_store": os.path.abspath(i["store"]),
+                "vocab": self.vocab.to_meta() if self.vocab is not None else None}
 
     def export(self, trainer, out_dir: str) -> Optional[str]:
         """Collective: every rank calls it. The EMA weights (or the live ones without EMA) are
