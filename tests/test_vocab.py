@@ -190,3 +190,18 @@ def test_stage_b_entry_runs_and_exports_with_compact_vocab(tmp_path):
     assert rows and rows[-1]["kd"] > 0
     ids = sample_any(model, meta, range(4), SampleSettings(), vocab_limit=151665)
     assert set(ids.flatten().tolist()) <= set(vocab.ids)
+
+
+def test_stage_b_preflight_sizes_the_compact_head(tmp_path):
+    """Masked denoiser + KD teacher on the pair-store fixture: the head covers the compact ids plus
+    the mask token (right after them), padded to 1024; the full vocabulary stays the teacher's."""
+    from coupling_dist.stages.stage_b.preflight import preflight
+
+    make_pair_store(str(tmp_path), n_train=16, n_heldout=4)
+    base = ["stage_b.model.kind=masked"]
+    full = preflight(demo_cfg(tmp_path, *base))
+    assert full["vocab"] is None and full["vocab_size"] == 151936 and full["mask_token_id"] == 151935
+    info = preflight(demo_cfg(tmp_path, *base, "data.vocab=corpus"))
+    vocab = info["vocab"]
+    assert vocab.ids == build_vocab(os.path.join(tmp_path, "pair_store")).ids and 151643 in vocab.ids
+    assert info["mask_token_id"] == vocab.size and info["vocab_size"] == 1024 * -(-(vocab.size + 1) // 1024)
