@@ -67,6 +67,8 @@ class DataConfig:
     max_samples: Optional[int] = _f(None, gt=0)
     out_dir: Optional[str] = None  # default: run.dir/data
     verify_existing: str = _f("sha256", choices=("sha256", "size"))  # how a re-run checks finished shards
+    # output heads over the whole tokenizer vocabulary, or only the ids the shards use (data/vocab.py)
+    vocab: str = _f("full", choices=("full", "corpus"))
 
 
 @dataclass

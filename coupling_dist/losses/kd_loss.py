@@ -20,6 +20,13 @@ incoming scalar. Memory is O(chunk_rows * chunk_vocab) beyond the inputs and the
 When the whole local vocabulary fits in one chunk the logits of the first sweep are reused, so the
 matmul count equals the naive forward + backward.
 
+Restricted teacher (``teacher_vocab``): the teacher's probability is zero at global ids >= the
+limit and renormalised over the ids below it (its logits there are set to a large negative
+constant: finite, so a shard holding no valid id yields no NaN). The compact vocabulary
+(``data.vocab: corpus``) passes the teacher's head rows for its ids, padded, with the limit at
+the compact size: KD is then KL(teacher restricted to the corpus ids and renormalised || student),
+an approximation of the full-vocabulary KD (the teacher's mass outside the corpus ids is dropped).
+
 Vocab-parallel (TP > 1): each rank passes its vocabulary shard of the student head and of the
 teacher head (split the same way, ``vocab_start``), the per-row maxima are all-reduced (MAX) and
 the rescaled sums (SUM) in the TP group; only O(rows) numbers cross ranks, never the vocabulary.
@@ -65,6 +72,20 @@ class LossOptions:
     tp_group: object = None
     chunk_rows: int = 64
     chunk_vocab: int = 32768
+    teacher_vocab: Optional[int] = None  # global ids >= this get teacher probability 0 (None: all ids)
+
+
+MASKED_LOGIT = -1e30  # finite "minus infinity": exp underflows to 0, and 0 * it is 0, not NaN
+
+
+def _teacher_logits(htr: torch.Tensor, wt: torch.Tensor, v0: int, v1: int, o: LossOptions) -> torch.Tensor:
+    """t / tau for vocabulary chunk [v0, v1) of this shard, ids beyond ``teacher_vocab`` masked."""
+    t = (htr @ wt[v0:v1].t()).float().div_(float(o.temperature))
+    if o.teacher_vocab is not None:
+        first_masked = int(o.teacher_vocab) - int(o.vocab_start) - v0
+        if first_masked < v1 - v0:
+            t[:, max(0, first_masked):] = MASKED_LOGIT
+    return t
 
 
 def _tp(group) -> int:
@@ -142,7 +163,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
                     l_t = torch.logaddexp(l_t, torch.logsumexp(outside, 1))
                     del outside
                 if live:
-                    t = (htr @ wt[v0:v1].t()).float().div_(tau)
+                    t = _teacher_logits(htr, wt, v0, v1, o)
                     lc = torch.logsumexp(t, 1)
                     a_c = torch.softmax(t, 1).mul_(t - q).sum(1)  # expectation under this chunk's softmax
                     l_new = torch.logaddexp(l_t, lc)
@@ -182,7 +203,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
                     s, t = kept
                 else:
                     s = (hr @ w[v0:v1].t()).float()
-                    t = (htr @ wt[v0:v1].t()).float().div_(tau) if live else None
+                    t = _teacher_logits(htr, wt, v0, v1, o) if live else None
                 # in place where possible: these buffers are [rows, vocab chunk]
                 gq = (s / tau).sub_(l_q[:, None]).exp_().mul_(c_kd) if use_kd else None
                 if use_kd and not live:  # the grouped KL's gradient (module docstring)

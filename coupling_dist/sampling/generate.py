@@ -11,6 +11,9 @@ and turns them into JSON-ready records::
 decoding with the data tokenizer; ``eos`` says whether an EOS was generated at all; ``all_ids``
 are all T generated ids (what the paper's evaluation protocol decodes and counts).
 
+Both kinds of export may carry a compact vocabulary (``data.vocab: corpus``): the sampler
+(``p2_self.sample_any``) maps the head's rows back to tokenizer ids, so records never see them.
+
 ``load_export(path, kind="stage_a")`` loads a Stage A export as a one-step generator instead:
 z -> inverse flow -> Stage A decoder (``models.stage_a.PriorDecoder``), the paper's flow-reverse
 diagnostic (``sample.kind=stage_a``).
@@ -39,7 +42,7 @@ def load_stage_a_sampler(path: str, device="cpu"):
         raise ValueError(f"Stage A export '{path}': config.json names no tokenizer eos_id")
     meta = {"kind": "stage_a", "seq_len": int(art["seq_len"]), "latent_dim": int(art["latent_dim"]),
             "vocab_size": int(art["vocab_size"]), "eos_id": int(eos), "pad_id": tok.get("pad_id", eos),
-            "tokenizer": tok}
+            "tokenizer": tok, "vocab": art.get("vocab")}  # compact ids: sample_any maps back
     return PriorDecoder(stage_a).eval(), meta
 
 

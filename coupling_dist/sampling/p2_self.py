@@ -120,12 +120,22 @@ def sample_p2_self(model, meta: dict, indices: Sequence[int], settings: SampleSe
 
 def sample_any(model, meta: dict, indices: Sequence[int], settings: SampleSettings, **kw) -> torch.Tensor:
     """One-step generator -> one forward pass; masked denoiser -> P2-self with K = settings.steps
-    (K = 1 is its one-step decoding)."""
+    (K = 1 is its one-step decoding). Returns tokenizer ids: an export with a compact vocabulary
+    (``meta["vocab"]``, ``data.vocab: corpus``) samples its head rows below the compact size only
+    (padding rows and the mask token lie above it) and maps them back."""
+    from ..data.vocab import CompactVocab
+
+    vocab = CompactVocab.from_meta(meta.get("vocab"))
+    if vocab is not None:
+        limit = kw.get("vocab_limit")
+        kw["vocab_limit"] = vocab.size if limit is None else min(int(limit), vocab.size)
     if meta.get("kind", "onestep") == "masked":
-        return sample_p2_self(model, meta, indices, settings, **kw)
-    if int(settings.steps) != 1:
+        ids = sample_p2_self(model, meta, indices, settings, **kw)
+    elif int(settings.steps) != 1:
         raise ValueError(f"steps={settings.steps}: few-step sampling needs a masked denoiser, this export is "
                          f"kind '{meta.get('kind')}'")
-    from .onestep import sample_onestep
+    else:
+        from .onestep import sample_onestep
 
-    return sample_onestep(model, meta, indices, settings, **kw)
+        ids = sample_onestep(model, meta, indices, settings, **kw)
+    return ids if vocab is None else vocab.to_full(ids)

@@ -31,8 +31,10 @@ def check_artifact(meta: dict, info: dict, art: str, src_dir: str) -> None:
         problems.append(f"seq_len: artifact {meta.get('seq_len')} vs shards {info['seq_len']}")
     if int(meta.get("feature_dim", -1)) != info["feature_dim"]:
         problems.append(f"feature width: artifact {meta.get('feature_dim')} vs shards {info['feature_dim']}")
-    if int(meta.get("vocab_size", -1)) != info["vocab_size"]:
-        problems.append(f"vocab_size: artifact {meta.get('vocab_size')} vs shards {info['vocab_size']}")
+    # a compact-vocabulary artifact's head is smaller than the tokenizer: compare tokenizer sizes
+    a_vocab = (meta.get("vocab") or {}).get("full_size", meta.get("vocab_size", -1))
+    if int(a_vocab) != info["vocab_size"]:
+        problems.append(f"vocab_size: artifact {a_vocab} vs shards {info['vocab_size']}")
     if problems:
         raise DataMismatchError(f"Stage A artifact {art} does not match the source shards {src}: "
                                 + "; ".join(problems) + " (re-export Stage A for these shards, or point "

@@ -28,6 +28,7 @@ from ...components.atomic import write_json
 from ...config import Config
 from ...data.dtypes import from_stored
 from ...data.shards import Manifest, read_shard
+from ...data.vocab import CompactVocab
 from .writer import sample_noise
 
 
@@ -190,13 +191,15 @@ def _read_store(out_dir: str, split: str, limit: int, dtype: str) -> tuple[list,
     return keys, np.stack(zs), np.stack(toks), np.stack(masks)
 
 
-def _predict(model, u: torch.Tensor, mask: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+def _predict(model, u: torch.Tensor, mask: torch.Tensor, vocab: Optional[CompactVocab] = None,
+             rows: int = 1024) -> torch.Tensor:
     """argmax tokens [B, T] with the vocabulary head applied to ``rows`` positions at a time:
     ``model.decode`` materialises [B, T, V] logits, 5 GB in fp32 for a batch of 64 at T 128 and
     Qwen's V 151,936."""
     h = model.decoder_hidden(u, mask)
     flat = h.reshape(-1, h.shape[-1])
-    return torch.cat([model.head(c).argmax(-1) for c in flat.split(rows)]).view(h.shape[:2])
+    ids = torch.cat([model.head(c).argmax(-1) for c in flat.split(rows)]).view(h.shape[:2])
+    return ids if vocab is None else vocab.to_full(ids)  # a compact head's rows -> tokenizer ids
 
 
 @torch.no_grad()
@@ -225,6 +228,7 @@ def build_report(cfg: Config, ctx: dict, model) -> dict:
     hkeys, hz, _, _ = _read_store(out_dir, held_split, n_rt, ps.dtype)
     zmap = dict(zip(hkeys, hz)) if hkeys else {}
     dev = next(model.parameters()).device
+    vocab = CompactVocab.from_meta(ctx["meta"].get("vocab"))
     correct = correct_z = total = 0
     rt_zuz = rt_uzu = 0.0
     for i in range(0, len(src), ps.batch_size):
@@ -235,14 +239,14 @@ def build_report(cfg: Config, ctx: dict, model) -> dict:
         T = m.shape[1]
         eps = torch.stack([sample_noise(cfg.run.seed, s["__key__"], 1, T, model.latent_dim)[0] for s in chunk]).to(dev)
         u = model.encode_latent(feats, m, eps)
-        correct += int((_predict(model, u, m) == tok)[m].sum())
+        correct += int((_predict(model, u, m, vocab) == tok)[m].sum())
         total += int(m.sum())
         zf = model.to_gaussian(u, m)
         rt_uzu = max(rt_uzu, float((model.from_gaussian(zf, m) - u).abs().max()))
         if all(s["__key__"] in zmap for s in chunk):
             zs = torch.from_numpy(np.stack([zmap[s["__key__"]][0] for s in chunk])).to(dev)
             us = model.from_gaussian(zs, m)
-            correct_z += int((_predict(model, us, m) == tok)[m].sum())
+            correct_z += int((_predict(model, us, m, vocab) == tok)[m].sum())
             rt_zuz = max(rt_zuz, float((model.to_gaussian(us, m) - zs).abs().max()))
     report.update({"heldout_split": held_split, "heldout_samples": len(src),
                    "recon_acc_heldout_from_u": correct / max(total, 1),

@@ -4,7 +4,8 @@
 manifest, checks that it holds encoder features that fit the config (clear errors naming the
 manifest and field before any training), estimates the feature normalisation statistics from the
 first training batches, and records what the export needs (seq_len, tokenizer and encoder
-identity). Everything the Trainer calls is below.
+identity, and the compact vocabulary's ids under ``data.vocab: corpus``: the decoder head then
+covers those ids only, and targets are mapped to them, ``data/vocab.py``). Everything the Trainer calls is below.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from ...config import Config
 from ...data.source import DataMismatchError, check_tokenizer, describe_source
+from ...data.vocab import CompactVocab, vocab_for
 from ...distributed.parallelize import ParallelDims, parallelize
 from ...models.stage_a import StageAModel
 from ...models.stage_a_export import export_stage_a
@@ -26,8 +28,10 @@ STATS_BATCHES = 8  # training batches used to estimate the feature mean/std
 class StageATask:
     def __init__(self, cfg: Config, feature_dim: int, vocab_size: int, *, seq_len: int,
                  meta: Optional[dict] = None, stats_batches: Optional[Iterable] = None,
-                 feature_stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+                 feature_stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                 vocab: Optional[CompactVocab] = None):
         self.cfg = cfg
+        self.vocab = vocab  # None: the head spans the tokenizer's vocabulary
         self.feature_dim, self.vocab_size, self.seq_len = int(feature_dim), int(vocab_size), int(seq_len)
         self.meta = dict(meta or {})
         self._stats_batches = stats_batches
@@ -61,10 +65,12 @@ class StageATask:
                 yield b["features"], (b["mask"] if cfg.stage_a.pad_positions == "passthrough"
                                       else torch.ones_like(b["mask"]))
 
+        vocab = vocab_for(cfg, data_dir)
         meta = {"seq_len": info["seq_len"], "tokenizer": info["tokenizer"], "encoder": info["encoder"],
-                "feature_dtype": info["feature_dtype"], "source_data": os.path.abspath(data_dir)}
-        return cls(cfg, info["feature_dim"], info["vocab_size"], seq_len=info["seq_len"], meta=meta,
-                   stats_batches=stats_batches())
+                "feature_dtype": info["feature_dtype"], "source_data": os.path.abspath(data_dir),
+                "vocab": vocab.to_meta() if vocab else None}
+        return cls(cfg, info["feature_dim"], vocab.size if vocab else info["vocab_size"], seq_len=info["seq_len"],
+                   meta=meta, stats_batches=stats_batches(), vocab=vocab)
 
     # ------------------------------------------------------------------ Trainer protocol
 
@@ -79,13 +85,17 @@ class StageATask:
                                  activation_checkpointing=self.cfg.stage_a.train.activation_checkpointing)
         return self.model
 
+    def targets(self, batch: dict) -> torch.Tensor:
+        """The batch's tokens as head rows (compact ids under ``data.vocab: corpus``)."""
+        return batch["tokens"] if self.vocab is None else self.vocab.to_compact(batch["tokens"])
+
     def loss(self, model: StageAModel, batch: dict, step: int):
-        return model.loss(batch["features"], batch["tokens"], batch["mask"], step)
+        return model.loss(batch["features"], self.targets(batch), batch["mask"], step)
 
     @torch.no_grad()
     def eval_metrics(self, model: StageAModel, batch: dict) -> dict:
         # Evaluated at the end-of-anneal weight so eval losses are comparable across steps.
-        _, m = model.loss(batch["features"], batch["tokens"], batch["mask"], step=self.cfg.stage_a.train.steps)
+        _, m = model.loss(batch["features"], self.targets(batch), batch["mask"], step=self.cfg.stage_a.train.steps)
         return {k: v for k, v in m.items() if k != "lambda_flow"}
 
     def flops_per_sample(self) -> dict:

@@ -4,6 +4,9 @@
 divides the world size, the heads, the FFN and the teacher vocabulary; the global batch splits over
 the data-parallel ranks. Every refusal is a ``PreflightError`` (exit status 2) naming the key/path.
 ``checked_task_info`` returns what the task needs (shapes, vocabulary, teacher, special ids).
+Under ``data.vocab: corpus`` the head covers the pair store's compact vocabulary (``data/vocab.py``),
+the mask token of the masked denoiser comes right after the compact ids, and the head is padded
+as for a teacher-less run (a multiple of 1024 and of 128 * tp).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from ...components import assets
 from ...components.paths import pair_store_dir
 from ...components.preflight import PreflightError, require_file, teacher_path
 from ...config import Config
+from ...data.vocab import vocab_for
 from ...distributed.parallel_state import check_layout
 from ...models.teacher import CACHE_FIELDS, cache_record
 
@@ -55,6 +59,10 @@ def preflight(cfg: Config) -> dict:
     tok_vocab = int(tok["vocab_size"])
     kd, tp = cfg.stage_b.kd, cfg.stage_b.tp
     masked = cfg.stage_b.model.kind == "masked"
+    try:
+        compact = vocab_for(cfg, store)
+    except ValueError as e:
+        raise PreflightError(f"data.vocab=corpus: {e}") from None
     teacher = None
     if kd.teacher is not None and kd.weight > 0:
         path = teacher_path(kd.teacher)
@@ -71,22 +79,28 @@ def preflight(cfg: Config) -> dict:
         if t_vocab < tok_vocab + (1 if masked else 0):
             raise PreflightError(f"stage_b.kd.teacher: vocabulary {t_vocab} is smaller than the tokenizer's "
                                        f"{tok_vocab}{' + a mask token' if masked else ''}")
-        if t_vocab % tp:
+        if t_vocab % tp and compact is None:
             raise PreflightError(f"stage_b.tp ({tp}) must divide the teacher vocabulary ({t_vocab}) for the "
                                        f"vocab-parallel head")
         teacher = {"path": path, "ref": kd.teacher, "vocab_size": t_vocab, "hidden": int(tconf.hidden_size),
                    "identity": assets.identity(path), "source": kd.source}
         if kd.source == "cache":
+            if compact is not None:  # cached ids are tokenizer ids; mapping them is not built yet
+                raise PreflightError("stage_b.kd.source=cache with data.vocab=corpus is not supported yet: "
+                                     "use stage_b.kd.source=live or data.vocab=full")
             check_cache(man, where, cfg, path)
         vocab = t_vocab  # student head split exactly like the teacher's
-    else:
+    if compact is not None:
+        # the teacher's rows for the compact ids are gathered into a head of this size (task.py)
+        vocab = _round_up(compact.size + (1 if masked else 0), math.lcm(1024, 128 * tp))
+    elif teacher is None:
         # A multiple of 1024 for TP <= 8: the head's shape then does not depend on TP, so a
         # checkpoint can be resumed at another TP size (distributed.tp_reshape).
         vocab = _round_up(tok_vocab + (1 if masked else 0), math.lcm(1024, 128 * tp))
-    mask_id = vocab - 1 if masked else None
+    mask_id = (vocab - 1 if compact is None else compact.size) if masked else None
     return {"store": store, "manifest": man, "K": K, "seq_len": T, "latent_dim": d, "vocab_size": vocab,
             "tokenizer": tok, "tok_vocab": tok_vocab, "teacher": teacher, "mask_token_id": mask_id,
-            "eos_id": tok.get("eos_id"), "pad_id": tok.get("pad_id")}
+            "eos_id": tok.get("eos_id"), "pad_id": tok.get("pad_id"), "vocab": compact}
 
 
 def check_cache(man: dict, where: str, cfg: Config, path: str) -> None:

@@ -19,7 +19,12 @@ and the parallel layout (``distributed.parallelize.build_parallel_dims``). The t
   it) runs its trunk on the ground-truth tokens and only its head *shard* enters the loss; with
   ``stage_b.kd.source: cache`` the teacher is never loaded and its top-k cache from the pair store
   (``pair_store.teacher_topk``) enters the loss instead;
-- exports the EMA generator (full TP = 1 weights via ``gather_full_state_dict``) for sampling.
+- under ``data.vocab: corpus`` the head rows are the pair store's compact ids (``data/vocab.py``):
+  CE targets and x_t are mapped to them, the teacher still reads tokenizer ids, and its head is
+  restricted to the compact ids (KD against the renormalised restricted teacher: an
+  approximation of the full-vocabulary KD, see ``losses/kd_loss.py``);
+- exports the EMA generator (full TP = 1 weights via ``gather_full_state_dict``) for sampling,
+  with the compact ids so samplers map back to tokenizer ids.
 """
 from __future__ import annotations
 
@@ -45,6 +50,8 @@ class StageBTask:
         self.mpu = self.dims.mpu  # the model-parallel groups DeepSpeed and the Trainer read
         self.model: Optional[Generator] = None
         self._teacher: Optional[nn.Module] = None
+        self.vocab = info.get("vocab")  # CompactVocab, or None: the head spans the tokenizer vocabulary
+        self._teacher_rows: Optional[torch.Tensor] = None  # the teacher head in this student's row order
 
     # ------------------------------------------------------------------ model
 
@@ -61,6 +68,16 @@ class StageBTask:
         from ...distributed.tensor_parallel import partition_dims
 
         return partition_dims(self.model)
+
+    def teacher_head(self, teacher: nn.Module) -> torch.Tensor:
+        """The teacher's output rows aligned with the student's head rows (all V of them): the
+        compact ids' rows, zero-padded, under ``data.vocab: corpus`` (gathered once: frozen)."""
+        weight = teacher.get_output_embeddings().weight
+        if self.vocab is None:
+            return weight
+        if self._teacher_rows is None:
+            self._teacher_rows = self.vocab.restrict(weight, rows=self.info["vocab_size"])
+        return self._teacher_rows
 
     def teacher(self, device: torch.device) -> Optional[nn.Module]:
         """The live teacher; None without KD or with ``stage_b.kd.source: cache`` (never loaded then)."""
@@ -101,6 +118,8 @@ class StageBTask:
         k = torch.randint(0, K, (B,), generator=g) if (train and K > 1) else torch.zeros(B, dtype=torch.long)
         z = z_all[torch.arange(B), k.to(dev)].float()
         tokens, mask = batch["tokens"].long(), batch["mask"].bool()
+        if self.vocab is not None:  # the head's row ids (the teacher reads batch["tokens"] itself)
+            tokens = self.vocab.to_compact(tokens)
         sb = self.cfg.stage_b
         if train and sb.latent_mix_prob > 0:
             if sb.latent_mix_unit == "update":  # one draw per update, the same on every rank
@@ -132,8 +151,9 @@ class StageBTask:
         th = wt = cached = None
         if teacher is not None:
             with torch.no_grad():
-                th = trunk_hidden(teacher, tokens, mask).to(h.dtype)
-                wt = teacher.get_output_embeddings().weight[start:start + w.shape[0]].to(h.dtype)
+                # the teacher reads tokenizer ids (``tokens`` may be compact head rows)
+                th = trunk_hidden(teacher, batch["tokens"].long().to(h.device), mask).to(h.dtype)
+                wt = self.teacher_head(teacher)[start:start + w.shape[0]].to(h.dtype)
         elif self.cached_kd:  # the teacher's top-k from the pair store (global ids: the loss shards them)
             cached = tuple(batch[f].to(h.device) for f in CACHE_FIELDS)
         has_kd = teacher is not None or cached is not None
@@ -146,7 +166,9 @@ class StageBTask:
                                        temperature=kd.temperature, label_smoothing=self.cfg.stage_b.label_smoothing,
                                        lambda_kd=kd.weight if has_kd else 0.0, vocab_start=start,
                                        vocab_size=V, tp_group=group if size > 1 else None,
-                                       chunk_rows=kd.chunk_positions, chunk_vocab=kd.chunk_vocab)
+                                       chunk_rows=kd.chunk_positions, chunk_vocab=kd.chunk_vocab,
+                                       # compact head: no teacher mass on padding rows or the mask token
+                                       teacher_vocab=None if self.vocab is None else self.vocab.size)
         return total, {"ce": ce, "kd": kdv}
 
     def loss(self, model, batch: dict, step: int):
@@ -175,7 +197,8 @@ class StageBTask:
         return {"latent_dim": i["latent_dim"], "seq_len": i["seq_len"], "vocab_size": i["vocab_size"],
                 "kind": self.cfg.stage_b.model.kind, "mask_token_id": i["mask_token_id"], "eos_id": i["eos_id"],
                 "pad_id": i["pad_id"], "tokenizer": i["tokenizer"], "tokenizer_vocab_size": i["tok_vocab"],
-                "teacher": (i["teacher"] or {}).get("identity"), "pair_store": os.path.abspath(i["store"])}
+                "teacher": (i["teacher"] or {}).get("identity"), "pair_store": os.path.abspath(i["store"]),
+                "vocab": self.vocab.to_meta() if self.vocab is not None else None}
 
     def export(self, trainer, out_dir: str) -> Optional[str]:
         """Collective: every rank calls it. The EMA weights (or the live ones without EMA) are
