@@ -31,18 +31,19 @@ def _round_up(n: int, m: int) -> int:
 
 def _teacher_path(ref: str) -> str:
     path = assets.resolve(ref)
+    if assets.gguf_split(path):  # one file: weights, config and tokenizer (e.g. asset:smollm2-135m-gguf)
+        return path
     if os.path.exists(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise PreflightError(f"stage_b.kd.teacher: '{path}' has no config.json (not a HF model directory)")
+            raise PreflightError(f"stage_b.kd.teacher: '{path}' has no config.json (not a HF model directory "
+                                 f"or a .gguf file)")
         return path
     looks_like_path = ref.startswith((".", "/", "~")) or ref.count("/") != 1
     if looks_like_path:
         raise PreflightError(f"stage_b.kd.teacher: '{ref}' does not exist (expected a HF causal LM directory, "
-                                   f"a hub id, or a tiny:/asset: reference)")
+                                   f"a .gguf file, a hub id, or a tiny:/asset: reference)")
     try:
-        from transformers import AutoConfig
-
-        AutoConfig.from_pretrained(path)
+        assets.load_config(path)
     except Exception as e:  # offline hub ids fail here, before any training
         raise PreflightError(f"stage_b.kd.teacher: '{ref}' is neither a directory nor a loadable hub id ({e})") from None
     return path
@@ -81,9 +82,7 @@ def preflight(cfg: Config) -> dict:
                 f"stage_b.kd.teacher '{kd.teacher}' uses tokenizer {t_tok['name']!r} (vocab {t_tok['vocab_size']}, hash "
                 f"{t_tok['hash']}) but the pair store {where} was tokenized with {tok.get('name')!r} (vocab "
                 f"{tok.get('vocab_size')}, hash {tok['hash']}); KD needs the same tokenizer")
-        from transformers import AutoConfig
-
-        tconf = AutoConfig.from_pretrained(path, local_files_only=os.path.isdir(path))
+        tconf = assets.load_config(path)
         t_vocab = int(tconf.vocab_size)
         if t_vocab < tok_vocab + (1 if masked else 0):
             raise PreflightError(f"stage_b.kd.teacher: vocabulary {t_vocab} is smaller than the tokenizer's "

@@ -28,12 +28,13 @@ import torch
 from torch import nn
 
 from ...components import dist as D
+from ...components.assets import load_causal_lm
 from ...components import faults
 from ...config import Config
 from ...distributed.parallelize import ParallelDims, parallelize
 from ...losses.kd_loss import sequence_loss
 from ...models.generator import Generator, export_generator
-from ...models.teacher import load_teacher, teacher_flops_per_token
+from ...models.teacher import teacher_flops_per_token
 
 
 class StageBTask:
@@ -65,7 +66,7 @@ class StageBTask:
             return None
         if self._teacher is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            self._teacher = load_teacher(self.info["teacher"]["path"], device, dtype)
+            self._teacher = load_causal_lm(self.info["teacher"]["path"], device, dtype)
         return self._teacher
 
     # ------------------------------------------------------------------ batches
