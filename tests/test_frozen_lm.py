@@ -53,7 +53,7 @@ def test_smollm_loads_as_a_frozen_lm(smollm):
 
 def test_smollm_tokenizer_and_identity(smol_tok):
     ident = assets.tokenizer_identity(SMOL)
-    assert ident["vocab_size"] == 49152 and ident["eos_id"] == 0 and ident["pad_id"] == 0  # <|endoftext|>
+    assert ident["vocab_size"] == 49152 and ident["eos_id"] == 2 and ident["pad_id"] == 2  # <|im_end|>
     assert ident["hash"] == assets.tokenizer_identity(assets.resolve(SMOL))["hash"]  # ref or path: same vocab
     assert ident["hash"] != assets.tokenizer_identity("asset:qwen2.5-tokenizer")["hash"]
     # The tokenizer extracted into the cache encodes exactly as the one parsed from the GGUF itself.
@@ -108,4 +108,4 @@ def test_stage_b_preflight_smollm_teacher(tmp_path, tokenizer, ok):
         return
     info = checked_task_info(cfg, 1)
     assert info["teacher"]["vocab_size"] == 49152 and info["teacher"]["hidden"] == 576
-    assert info["vocab_size"] == 49152 and info["eos_id"] == 0 and info["pad_id"] == 0
+    assert info["vocab_size"] == 49152 and info["eos_id"] == 2 and info["pad_id"] == 2
