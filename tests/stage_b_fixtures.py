@@ -44,7 +44,7 @@ def make_pair_store(run_dir: str, *, n_train: int = 96, n_heldout: int = 16, seq
         from coupling_dist.models import teacher as tm
 
         path = assets.resolve(teacher)
-        model = tm.load_teacher(path, torch.device("cpu"))
+        model = assets.load_causal_lm(path, torch.device("cpu"))
         for j in range(0, len(samples), 32):
             chunk = samples[j:j + 32]
             tokens = torch.from_numpy(np.stack([x["tokens"] for x in chunk]).astype(np.int64))

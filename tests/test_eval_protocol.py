@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from coupling_dist.components import assets
 from coupling_dist.evaluation.protocol import length_stats, protocol_inputs, total_variation
 from coupling_dist.evaluation.report import REPORTED_LM1B, in_unit
-from coupling_dist.evaluation.scorer import load_scorer_model, load_scorer_tokenizer, score_local
+from coupling_dist.evaluation.scorer import score_local
 
 T = 24
 
@@ -20,7 +20,7 @@ T = 24
 @pytest.fixture(scope="module")
 def scorer():
     ref = assets.resolve("tiny:gpt2")
-    return load_scorer_model(ref), load_scorer_tokenizer(ref)
+    return assets.load_causal_lm(ref), assets.load_tokenizer(ref)
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,8 @@ from conftest import demo_cfg  # noqa: E402
 
 from coupling_dist.components import assets, faults  # noqa: E402
 from coupling_dist.evaluation.samples_file import read_samples  # noqa: E402
-from coupling_dist.evaluation.scorer import (ScoringPlan, distinct_n, load_scorer_model,  # noqa: E402
-                                             load_scorer_tokenizer, score_chunk_batch, score_local,
-                                             text_chunks, unigram_entropy)
+from coupling_dist.evaluation.scorer import (ScoringPlan, distinct_n, score_chunk_batch,  # noqa: E402
+                                             score_local, text_chunks, unigram_entropy)
 
 
 def _lee(n: int, start: int = 0) -> list[str]:
@@ -32,7 +31,7 @@ def _lee(n: int, start: int = 0) -> list[str]:
 @pytest.fixture(scope="module")
 def gpt2():
     ref = assets.resolve("tiny:gpt2")
-    return load_scorer_model(ref), load_scorer_tokenizer(ref), ref
+    return assets.load_causal_lm(ref), assets.load_tokenizer(ref), ref
 
 
 def _direct_gen_ppl(model, tok, texts, protocol):
@@ -203,7 +202,7 @@ def test_evaluate_entry_end_to_end(tmp_path, ray_head, monkeypatch):
 def test_real_lm_scores_real_text_far_below_shuffled():
     """SmolLM2-135M (real weights, gguf) as the scorer: held-out Lee sentences vs the same words shuffled."""
     ref = assets.resolve("asset:smollm2-135m-gguf")
-    model, tok = load_scorer_model(ref), load_scorer_tokenizer(ref)
+    model, tok = assets.load_causal_lm(ref), assets.load_tokenizer(ref)
     texts = _lee(40, 2400)  # the tail of the corpus (the held-out end)
     rng = random.Random(0)
     shuffled = []

@@ -15,7 +15,8 @@ from conftest import DEMO, demo_cfg, run_module, torchrun
 from coupling_dist.components import assets
 from coupling_dist.components.preflight import PreflightError
 from coupling_dist.data import shards as S
-from coupling_dist.models.teacher import CACHE_FIELDS, load_teacher, trunk_hidden
+from coupling_dist.components.assets import load_causal_lm
+from coupling_dist.models.teacher import CACHE_FIELDS, trunk_hidden
 from pair_store_fixtures import export_random_stage_a, make_source
 from stage_b_fixtures import make_pair_store
 
@@ -66,7 +67,7 @@ def test_writer_stores_the_cache_and_records_the_teacher(cache_world, tmp_path):
     sa, sb = S.Manifest.load(a).shards, S.Manifest.load(b).shards
     assert [(s["name"], s["sha256"]) for s in sa] == [(s["name"], s["sha256"]) for s in sb]
     # the stored values are the teacher's top-k log-probabilities at the temperature, and the tail
-    teacher = load_teacher(assets.resolve(TEACHER), torch.device("cpu"))
+    teacher = load_causal_lm(assets.resolve(TEACHER), torch.device("cpu"))
     smp = next(iter(_samples(a).values()))
     tok, mask = torch.from_numpy(smp["tokens"].astype(np.int64))[None], torch.from_numpy(smp["mask"])[None]
     with torch.no_grad():
@@ -100,7 +101,7 @@ def test_preflight_refuses_another_teacher_or_temperature(tmp_path, cached_store
     with pytest.raises(PreflightError, match=r"stage_b\.kd\.temperature: cache made at 2\.0 but the config says 1\.5"):
         checked_task_info(demo_cfg(run, "stage_b.kd.source=cache", "stage_b.kd.temperature=1.5"), 1)
     other = tmp_path / "other_teacher"  # the same tokenizer and vocabulary, another model config
-    load_teacher(assets.resolve(TEACHER), torch.device("cpu")).save_pretrained(str(other))
+    load_causal_lm(assets.resolve(TEACHER), torch.device("cpu")).save_pretrained(str(other))
     conf = json.load(open(other / "config.json"))
     conf["rms_norm_eps"] = 1e-5 if conf.get("rms_norm_eps") != 1e-5 else 1e-6
     json.dump(conf, open(other / "config.json", "w"))

@@ -29,7 +29,8 @@ def main() -> int:
     from coupling_dist.config import load_config
     from coupling_dist.losses.kd_loss import sequence_loss
     from coupling_dist.models.generator import Generator
-    from coupling_dist.models.teacher import load_teacher, topk_logprobs, trunk_hidden
+    from coupling_dist.components.assets import load_causal_lm
+    from coupling_dist.models.teacher import topk_logprobs, trunk_hidden
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     p = argparse.ArgumentParser()
@@ -42,7 +43,7 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     cfg = load_config(a.config, ["run.wandb.mode=disabled"])
     kd, B, T, d = cfg.stage_b.kd, cfg.stage_b.train.batch_size, cfg.data.seq_len, cfg.stage_a.latent_dim
-    teacher = load_teacher(assets.resolve(kd.teacher), torch.device("cpu"))
+    teacher = load_causal_lm(assets.resolve(kd.teacher), torch.device("cpu"))
     head_t = teacher.get_output_embeddings().weight
     V = head_t.shape[0]
     torch.manual_seed(0)

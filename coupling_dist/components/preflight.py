@@ -36,22 +36,24 @@ def check_writable(path: str, what: str = "run.dir") -> None:
 
 
 def teacher_path(ref: str) -> str:
-    """The resolved path of ``stage_b.kd.teacher`` (a HF causal LM directory or a loadable hub id)."""
+    """The resolved path of ``stage_b.kd.teacher`` (a HF causal LM directory, a .gguf file, or a
+    loadable hub id)."""
     from . import assets
 
     path = assets.resolve(ref)
+    if assets.gguf_split(path):  # one file: weights, config and tokenizer (e.g. asset:smollm2-135m-gguf)
+        return path
     if os.path.exists(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise PreflightError(f"stage_b.kd.teacher: '{path}' has no config.json (not a HF model directory)")
+            raise PreflightError(f"stage_b.kd.teacher: '{path}' has no config.json (not a HF model directory "
+                                 f"or a .gguf file)")
         return path
     looks_like_path = ref.startswith((".", "/", "~")) or ref.count("/") != 1
     if looks_like_path:
         raise PreflightError(f"stage_b.kd.teacher: '{ref}' does not exist (expected a HF causal LM directory, "
-                                   f"a hub id, or a tiny:/asset: reference)")
+                                   f"a .gguf file, a hub id, or a tiny:/asset: reference)")
     try:
-        from transformers import AutoConfig
-
-        AutoConfig.from_pretrained(path)
+        assets.load_config(path)
     except Exception as e:  # offline hub ids fail here, before any training
         raise PreflightError(f"stage_b.kd.teacher: '{ref}' is neither a directory nor a loadable hub id ({e})") from None
     return path

@@ -29,12 +29,12 @@ class _ScorerActor:
     def __init__(self, scorer_ref: str, use_gpu: bool, threads: int):
         import torch
 
-        from .scorer import load_scorer_model
+        from ..components.assets import load_causal_lm
 
         torch.set_num_threads(max(1, int(threads)))
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         t0 = time.perf_counter()
-        self.model = load_scorer_model(scorer_ref, self.device)
+        self.model = load_causal_lm(scorer_ref, self.device)
         self.load_seconds = time.perf_counter() - t0
         self.calls = 0
 

@@ -23,7 +23,6 @@ fp64 and combined in text order.
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
 from typing import Iterable, Optional, Sequence
 
@@ -34,41 +33,8 @@ PAPER_MAX_TOKENS = 256
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def _gguf_split(path: str) -> Optional[tuple[str, str]]:
-    if path and path.endswith(".gguf") and os.path.isfile(path):
-        return os.path.dirname(path), os.path.basename(path)
-    return None
-
-
-def load_scorer_tokenizer(ref: str):
-    from transformers import AutoTokenizer
-
-    from ..components.assets import load_tokenizer, resolve
-
-    g = _gguf_split(resolve(ref))
-    if g is None:
-        return load_tokenizer(ref)
-    tok = AutoTokenizer.from_pretrained(g[0], gguf_file=g[1])
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_scorer_model(ref: str, device="cpu", dtype: Optional[torch.dtype] = None):
-    from transformers import AutoModelForCausalLM
-
-    from ..components.assets import resolve
-
-    path = resolve(ref)
-    g = _gguf_split(path)
-    if g is not None:
-        model = AutoModelForCausalLM.from_pretrained(g[0], gguf_file=g[1], dtype=dtype or torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=os.path.exists(path),
-                                                     dtype=dtype or torch.float32)
-    return model.to(device).eval()
+# The scorer and its tokenizer load with ``components.assets.load_causal_lm`` / ``load_tokenizer``
+# (directories, hub ids and GGUF files alike).
 
 
 def context_length(model_or_config) -> int:

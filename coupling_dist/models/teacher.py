@@ -1,24 +1,14 @@
-"""The frozen KD teacher of Stage B: a Hugging Face causal LM, loaded without gradients.
+"""The frozen KD teacher of Stage B: a Hugging Face causal LM (or GGUF), loaded without gradients
+by ``components.assets.load_causal_lm``.
 
 It is not part of the trained module (neither DeepSpeed nor the EMA sees it); the Stage B task runs
-its trunk on the ground-truth tokens and feeds only its head shard to the chunked loss.
+its trunk on the ground-truth tokens and feeds only its head shard to the chunked loss, or reads
+the top-k cache (``pair_store.teacher_topk``) that the pair store wrote with the functions here.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
-
-
-def load_teacher(path: str, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=os.path.isdir(path), dtype=dtype)
-    model.to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 def teacher_flops_per_token(model: nn.Module, seq_len: int, vocab: int) -> float:

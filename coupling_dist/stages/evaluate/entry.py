@@ -169,13 +169,12 @@ def run_sweep(cfg, pool, scorer_tok, out_dir: str, data_tok, ref_lengths) -> tup
 def main(cfg) -> dict:
     from ...components.assets import load_tokenizer
     from ...evaluation.pool import ScorerPool
-    from ...evaluation.scorer import load_scorer_tokenizer
 
     out_dir = run_paths.stage_dir(cfg, "evaluate")
     setup_logging(out_dir, 0)
     e = cfg.evaluate
     paths = sample_paths(cfg)
-    scorer_tok = load_scorer_tokenizer(e.scorer)
+    scorer_tok = load_tokenizer(e.scorer)
     data_tok = load_tokenizer(cfg.data.tokenizer)
     rows, files, notes = [], [], []
     ref, ref_name = reference_set(cfg, data_tok)

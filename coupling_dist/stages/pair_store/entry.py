@@ -25,7 +25,8 @@ from ...components.paths import stage_dir
 from ...config import Config
 from ...data.shard_job import ShardJob
 from ...models.stage_a_export import load_stage_a
-from ...models.teacher import cache_fields, load_teacher, teacher_dtype
+from ...components.assets import load_causal_lm
+from ...models.teacher import cache_fields, teacher_dtype
 from . import writer
 from .preflight import prepare
 from .report import build_report, format_table
@@ -98,7 +99,7 @@ def rank_main(cfg: Config) -> dict:
     cache = None
     if ctx["teacher_cache"]:
         dev = pick_device(cfg)
-        cache = {"model": load_teacher(ctx["teacher_path"], dev, teacher_dtype(dev)), "k": ps.teacher_topk,
+        cache = {"model": load_causal_lm(ctx["teacher_path"], dev, teacher_dtype(dev)), "k": ps.teacher_topk,
                  "temperature": cfg.stage_b.kd.temperature}
     work = writer.run_rank(model=model, source_dir=ctx["data_dir"], plan=ctx["plan"], out_dir=ctx["out_dir"],
                            rank=rank, world=world, seed=cfg.run.seed, K=ps.multiplicity, dtype=ps.dtype,

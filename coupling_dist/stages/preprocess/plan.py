@@ -45,10 +45,7 @@ def encoder_info(model_ref: Optional[str], layer: int, dtype: str, tok_vocab: in
     """Identity and shape of the frozen encoder, validated before any work."""
     if model_ref is None:
         return {"name": None, "hash": None}
-    from transformers import AutoConfig
-
-    path = assets.resolve(model_ref)
-    conf = AutoConfig.from_pretrained(path, local_files_only=os.path.exists(path))
+    conf = assets.load_config(model_ref)
     hidden = getattr(conf, "hidden_size", None) or getattr(conf, "n_embd", None)
     layers = getattr(conf, "num_hidden_layers", None) or getattr(conf, "n_layer", None)
     if not -(layers + 1) <= layer <= layers:

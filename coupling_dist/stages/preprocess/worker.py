@@ -2,8 +2,8 @@
 pool (``components.ray_pool``), or in-process (tests, the benchmark's single-process baseline).
 
 Per shard: tokenize -> append EOS -> pad/truncate to seq_len with a mask -> optional frozen-encoder
-forward (no_grad, ``output_hidden_states``, layer ``encoder.layer``, stored as ``encoder.dtype``,
-zero at pads) -> the shard and its sidecar through ``data.shard_job`` (atomic; the sidecar last).
+forward (no_grad, hidden state ``encoder.layer`` computed by only the layers it needs:
+``models.frozen_encoder``, stored as ``encoder.dtype``) -> the shard and its sidecar through ``data.shard_job`` (atomic; the sidecar last).
 """
 from __future__ import annotations
 
@@ -32,15 +32,9 @@ class ShardWorker:
         self.model = None
         self.device = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
         if self.enc.get("model"):
-            from transformers import AutoModel
+            from ...models.frozen_encoder import load_encoder
 
-            path = assets.resolve(self.enc["model"])
-            # AutoModel = the bare backbone (no LM head: no [T, V] logits for hidden states we
-            # do not need); for a causal-LM checkpoint it loads the base model's weights.
-            self.model = AutoModel.from_pretrained(path, local_files_only=os.path.exists(path),
-                                                   dtype=torch.float32).to(self.device).eval()
-            for p in self.model.parameters():
-                p.requires_grad_(False)
+            self.model = load_encoder(self.enc["model"], int(self.enc.get("layer", -1)), self.device)
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
         """ids + EOS, then truncated/padded to seq_len: (tokens int32 [B, T], mask uint8 [B, T], #truncated)."""
@@ -60,15 +54,14 @@ class ShardWorker:
     def encode(self, tokens: np.ndarray) -> np.ndarray:
         import torch
 
-        dtype, layer, bs = self.enc.get("dtype", "float16"), int(self.enc.get("layer", -1)), int(self.enc.get("batch_size", 64))
+        dtype, bs = self.enc.get("dtype", "float16"), int(self.enc.get("batch_size", 64))
         outs = []
         with torch.no_grad():
             for i in range(0, len(tokens), bs):
                 ids = torch.from_numpy(tokens[i:i + bs]).long().to(self.device)
                 # Full attention over the padded sequence (data.source.PAD_FEATURES): pad positions
                 # get the LM's own features for the pad/EOS ids that follow the text.
-                h = self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                               output_hidden_states=True).hidden_states[layer].float()
+                h = self.model(ids, torch.ones_like(ids)).float()
                 outs.append(to_stored(h, dtype))
         return np.concatenate(outs)
 

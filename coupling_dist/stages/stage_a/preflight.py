@@ -42,9 +42,7 @@ def preflight(cfg: Config) -> StageATask:
 
 def _encoder_width(ref: str):
     try:
-        from transformers import AutoConfig
-
-        conf = AutoConfig.from_pretrained(assets.resolve(ref), local_files_only=True)
+        conf = assets.load_config(ref)
     except (OSError, ValueError):  # no loadable config (e.g. hub id offline): the manifest check stands
         return None
     return getattr(conf, "hidden_size", None)

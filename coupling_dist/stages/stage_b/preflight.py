@@ -72,9 +72,7 @@ def preflight(cfg: Config) -> dict:
                 f"stage_b.kd.teacher '{kd.teacher}' uses tokenizer {t_tok['name']!r} (vocab {t_tok['vocab_size']}, hash "
                 f"{t_tok['hash']}) but the pair store {where} was tokenized with {tok.get('name')!r} (vocab "
                 f"{tok.get('vocab_size')}, hash {tok['hash']}); KD needs the same tokenizer")
-        from transformers import AutoConfig
-
-        tconf = AutoConfig.from_pretrained(path, local_files_only=os.path.isdir(path))
+        tconf = assets.load_config(path)
         t_vocab = int(tconf.vocab_size)
         if t_vocab < tok_vocab + (1 if masked else 0):
             raise PreflightError(f"stage_b.kd.teacher: vocabulary {t_vocab} is smaller than the tokenizer's "

@@ -35,12 +35,13 @@ import torch
 from torch import nn
 
 from ...components import dist as D
+from ...components.assets import load_causal_lm
 from ...components import faults
 from ...config import Config
 from ...distributed.parallelize import ParallelDims, parallelize
 from ...losses.kd_loss import sequence_loss
 from ...models.generator import Generator, export_generator
-from ...models.teacher import CACHE_FIELDS, load_teacher, teacher_dtype, teacher_flops_per_token, trunk_hidden
+from ...models.teacher import CACHE_FIELDS, teacher_dtype, teacher_flops_per_token, trunk_hidden
 
 
 class StageBTask:
@@ -84,7 +85,7 @@ class StageBTask:
         if self.info["teacher"] is None or self.cached_kd:
             return None
         if self._teacher is None:
-            self._teacher = load_teacher(self.info["teacher"]["path"], device, teacher_dtype(device))
+            self._teacher = load_causal_lm(self.info["teacher"]["path"], device, teacher_dtype(device))
         return self._teacher
 
     @property
