@@ -16,7 +16,7 @@ applies E, the flow and D to all T positions (Algorithm 1; Eq. 2 is a product ov
 "encoded" (the default) every term covers every position and the flow runs without a mask, so
 the length is part of what z encodes and Stage B learns where sentences end. The frozen encoder's
 features at pad positions are what the LM computes there when it reads the padded sequence with
-full attention (the text, its EOS, then pad = EOS ids: see ``data/preprocess.py``).
+full attention (the text, its EOS, then pad = EOS ids: see ``data/source.PAD_FEATURES``).
 "passthrough" is the earlier design, kept as an ablation: at pads u is plain eps, the flow passes
 pads through unchanged, and every term covers real positions only; the flow then models
 p(u_real | mask), and at its optimum z is independent of the length.
