@@ -49,9 +49,8 @@ def sampling_export(cfg, kind: str = None) -> str:
     """The export that sample / evaluate read: the generator, or with ``sample.kind`` (or ``kind``)
     "stage_a" the Stage A export (the Stage-A-only sampler)."""
     kind = kind or cfg.sample.kind
-    if kind == "stage_a":
-        return (cfg.sample.export if cfg.sample.kind == "stage_a" else None) or stage_a_export(cfg)
-    return (cfg.sample.export if cfg.sample.kind != "stage_a" else None) or generator_export(cfg)
+    explicit = cfg.sample.export if kind == cfg.sample.kind else None  # sample.export names sample.kind's export
+    return explicit or (stage_a_export(cfg) if kind == "stage_a" else generator_export(cfg))
 
 
 def samples_file(cfg) -> str:

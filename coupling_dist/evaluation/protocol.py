@@ -1,13 +1,13 @@
 """What an evaluation protocol scores for each sample record, and the length statistics.
 
-Sample records (``sample.py``) carry ``ids`` (generator ids before the first EOS), ``eos``
+Sample records (``sampling/generate.py``) carry ``ids`` (generator ids before the first EOS), ``eos``
 (whether an EOS was generated) and ``all_ids`` (all T generated ids). Records without
 ``all_ids`` (real text, foreign files) are completed as the data is stored: ids, EOS, pads to T.
 
 - ``mdlm``: the record's text (ids before the first EOS, decoded) and ``ids`` for entropy.
 - ``paper`` (the paper's released ``eval.py``/``decode_tokens``): every pad id removed from the
-  T generated ids, the rest decoded with special tokens skipped (so text after an EOS that is
-  not the pad id, or after an EOS when pad != EOS, is kept, as there); entropy over all T ids
+  T generated ids, the rest decoded with special tokens skipped (so, as there, text generated
+  after an EOS is kept and only the special tokens vanish); entropy over all T ids
   (pads included), in bits. Truncation at 256 scorer tokens and no appended EOS are the
   scorer's part (``scorer.text_chunks``).
 """

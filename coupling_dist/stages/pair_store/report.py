@@ -62,7 +62,8 @@ def ks_fail_fraction(x: np.ndarray, alpha: float) -> tuple[float, int]:
 
 
 def latent_stats(z: np.ndarray, mask: Optional[np.ndarray], alpha: float) -> dict:
-    """z [N, T, d] (one latent per row; multiplicity flattened into N), mask [N, T] (1 = real)."""
+    """z [N, T, d] (one latent per row; multiplicity flattened into N), mask [N, T] (1 = modelled
+    position; None = all of them)."""
     z = np.asarray(z, dtype=np.float64)
     N, T, d = z.shape
     m = np.ones((N, T), dtype=bool) if mask is None else np.asarray(mask).astype(bool)
@@ -74,13 +75,13 @@ def latent_stats(z: np.ndarray, mask: Optional[np.ndarray], alpha: float) -> dic
         "per_dim_std": {"min": float(std.min()), "max": float(std.max()), "mean": float(std.mean())},
         "ks_alpha": alpha,
     }
-    fit = "mean + full covariance over per-position latent rows [d], real tokens only"
+    fit = "mean + full covariance over per-position latent rows [d], modelled positions (mask) only"
     if rows.shape[0] > d:
         kl = gaussian_fit_kl(rows)
         out["kl_gauss_fit"] = {"nats_per_position": kl, "nats_per_dim": kl / d, "fit": fit}
     else:  # a small store (or report_samples) at a wide latent: say so instead of failing the run
         out["kl_gauss_fit"] = {"nats_per_position": None, "nats_per_dim": None, "fit": fit,
-                               "skipped": f"{rows.shape[0]} real positions <= latent_dim {d}"}
+                               "skipped": f"{rows.shape[0]} modelled positions <= latent_dim {d}"}
     # Per (position, channel): positions with too few real samples are skipped.
     cnt = m.sum(0)  # [T]
     ok = cnt >= 8
@@ -90,25 +91,23 @@ def latent_stats(z: np.ndarray, mask: Optional[np.ndarray], alpha: float) -> dic
         pv = (np.where(m[..., None], z, 0.0) ** 2).sum(0)[ok] / cnt[ok, None] - pm ** 2
         kd = diag_kl(pm, pv)
         out["kl_diag_position_channel"] = {"nats_per_dim": float(kd.mean()), "positions": int(ok.sum()),
-                                           "fit": "independent N(mean, var) per (position, channel), real tokens only"}
+                                           "fit": "independent N(mean, var) per (position, channel), modelled positions only"}
     frac, n = ks_fail_fraction(rows, alpha)
     out["ks_fail_fraction"] = frac
     out["ks_dims_tested"] = n
-    out["ks_what"] = "per channel, pooled over real positions"
+    out["ks_what"] = "per channel, pooled over the modelled positions"
     return out
 
 
 def length_probe(z_train: np.ndarray, len_train: np.ndarray, z_test: np.ndarray, len_test: np.ndarray,
                  max_classes: int = 8, steps: int = 200, l2: float = 1e-3) -> dict:
-    """How much z tells about the sequence length (issue: the length must live in z).
+    """How much z tells about the sequence length (the paper's Algorithm 1 puts it there).
 
     A multinomial logistic regression on the flattened latent and its square ([z, z^2] of
     [T * d] each: a linear probe that also sees variance differences, e.g. noise-like pads), fit
     on train latents (full-batch L-BFGS, L2 ``l2``) to predict the length, bucketed into at most
     ``max_classes`` quantile buckets of the train lengths; accuracy on held-out latents beside the
     majority-class baseline (the most frequent train bucket's share of the held-out set)."""
-    import torch
-
     edges = np.unique(np.quantile(len_train, np.linspace(0, 1, max_classes + 1)[1:-1]))
     ytr = torch.from_numpy(np.searchsorted(edges, len_train, side="right")).long()
     yte = torch.from_numpy(np.searchsorted(edges, len_test, side="right")).long()
