@@ -181,7 +181,9 @@ class PairStoreConfig:
 
 @dataclass
 class GeneratorConfig:
-    kind: str = _f("onestep", choices=("onestep", "masked"))
+    # composite: G = D(NF^-1(z)) warm-started from the Stage A export (models/composite_generator.py);
+    # the keys below are then unused (the architecture is Stage A's)
+    kind: str = _f("onestep", choices=("onestep", "masked", "composite"))
     width: int = _f(64, gt=0)
     depth: int = _f(2, gt=0)
     heads: int = _f(4, gt=0)
@@ -257,6 +259,7 @@ class EvaluateConfig:
     reference: Optional[str] = None  # real text (one per line, or JSONL with 'text'); default: held-out shards
     reference_samples: int = _f(1024, gt=0)  # at most this many held-out texts
     stage_a_series: bool = True  # also sweep the Stage-A-only sampler (needs run.dir/stage_a/export)
+    factorized_series: bool = True  # also score the factorized baseline (per-position marginals of the shards)
     sweep: bool = True  # draw and score samples for every sweep setting (needs the export)
 
 

@@ -47,6 +47,11 @@ def test_top_p_ties_and_small_k():
         assert torch.equal(top_p_mask(logits, 0.9, k=k), top_p_mask_reference(logits, 0.9))
     assert top_p_mask(logits, 0.9, k=4)[0, :10].all()  # all tied leaders kept
     assert top_p_mask(torch.randn(3, 50), 1.0).all()
+    # a vocabulary no larger than k (compact heads): whole-row sort path, ties and tiny p included
+    small = torch.randn(64, 50, generator=torch.Generator().manual_seed(3)) * 3
+    small[:4, :6] = 8.0
+    for p in (1e-6, 0.5, 0.9, 0.999):
+        assert torch.equal(top_p_mask(small, p, k=64), top_p_mask_reference(small, p)), p
 
 
 def test_top_p_nucleus_definition_small():

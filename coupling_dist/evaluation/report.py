@@ -84,7 +84,7 @@ def write_csv(out_dir: str, rows: list[dict]) -> str:
 
 
 def plot_frontier(out_dir: str, rows: list[dict], protocol: str, title: Optional[str] = None) -> str:
-    """rows: dicts with kind in {sweep, file, reference}, gen_ppl, entropy, settings columns."""
+    """rows: dicts with kind in {sweep, stage_a, file, factorized, reference}, gen_ppl, entropy, settings columns."""
     unit = "bits" if protocol == "paper" else "nats"
     fig, ax = plt.subplots(figsize=(7.5, 5.2))
     groups: dict = {}
@@ -102,6 +102,9 @@ def plot_frontier(out_dir: str, rows: list[dict], protocol: str, title: Optional
     for r in rows:
         if r.get("kind") == "file" and _finite(r):
             ax.plot([r["entropy"]], [r["gen_ppl"]], "s", label=f"ours: {r['name']}")
+        if r.get("kind") == "factorized" and _finite(r):
+            ax.plot([r["entropy"]], [r["gen_ppl"]], "X", markersize=10, color="tab:red",
+                    label="factorized baseline (per-position marginals, Prop. 1)")
         if r.get("kind") == "reference" and _finite(r):
             ax.plot([r["entropy"]], [r["gen_ppl"]], "*", markersize=14, color="black",
                     label=f"real held-out text (ours): {r['name']}")

@@ -33,8 +33,13 @@ ARCH_KEYS = ("kind", "width", "depth", "heads", "ffn", "norm", "act", "attention
 
 
 def _arch(cfg: Any) -> dict:
-    """GeneratorConfig (dataclass) or a plain dict -> the architecture dict stored in config.json."""
+    """GeneratorConfig (dataclass) or a plain dict -> the architecture dict stored in config.json
+    (a composite generator's arch is its Stage A config: ``models/composite_generator.py``)."""
     d = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+    if d.get("kind") == "composite":
+        if "stage_a" not in d:
+            raise ValueError("composite generator arch lacks its 'stage_a' config")
+        return {"kind": "composite", "stage_a": d["stage_a"]}
     missing = [k for k in ARCH_KEYS if k not in d]
     if missing:
         raise ValueError(f"generator config lacks {missing}")
@@ -89,6 +94,17 @@ class Generator(nn.Module):
         return 3.0 * per_tok * T
 
 
+def build_generator(arch: Any, latent_dim: int, seq_len: int, vocab_size: int,
+                    mask_token_id: Optional[int] = None) -> nn.Module:
+    """The generator an arch dict (or GeneratorConfig) describes: ``Generator`` or the composite."""
+    a = _arch(arch)
+    if a["kind"] == "composite":
+        from .composite_generator import CompositeGenerator
+
+        return CompositeGenerator(a, latent_dim, seq_len, vocab_size)
+    return Generator(a, latent_dim, seq_len, vocab_size, mask_token_id)
+
+
 # --------------------------------------------------------------------------- export / load
 
 
@@ -110,8 +126,8 @@ def export_generator(model_or_state, cfg: Any, meta: dict, out_dir: str) -> str:
     full_meta["kind"] = arch["kind"]
     conf = {"format": "coupling_dist.generator", "version": FORMAT_VERSION, "arch": arch, "meta": full_meta}
     # Validate before writing: the weights must load into the architecture they claim.
-    probe = Generator(arch, full_meta["latent_dim"], full_meta["seq_len"], full_meta["vocab_size"],
-                      full_meta.get("mask_token_id"))
+    probe = build_generator(arch, full_meta["latent_dim"], full_meta["seq_len"], full_meta["vocab_size"],
+                            full_meta.get("mask_token_id"))
     probe.load_state_dict(sd, strict=True)
 
     def write(tmp):
@@ -135,13 +151,13 @@ def read_export_config(export_dir: str) -> dict:
     return conf
 
 
-def load_generator(export_dir: str, device="cpu") -> tuple[Generator, dict]:
+def load_generator(export_dir: str, device="cpu") -> tuple[nn.Module, dict]:
     """(Generator in eval mode on ``device``, meta dict). Needs torch + safetensors only."""
     from safetensors.torch import load_file
 
     conf = read_export_config(export_dir)
     meta = dict(conf["meta"])
-    model = Generator(conf["arch"], meta["latent_dim"], meta["seq_len"], meta["vocab_size"], meta.get("mask_token_id"))
+    model = build_generator(conf["arch"], meta["latent_dim"], meta["seq_len"], meta["vocab_size"], meta.get("mask_token_id"))
     wpath = os.path.join(export_dir, "model.safetensors")
     if not os.path.isfile(wpath):
         raise FileNotFoundError(f"generator export '{export_dir}' lacks model.safetensors")

@@ -21,15 +21,25 @@ full attention (the text, its EOS, then pad = EOS ids: see ``data/source.PAD_FEA
 pads through unchanged, and every term covers real positions only; the flow then models
 p(u_real | mask), and at its optimum z is independent of the length.
 
+Encoder input (``feature_dim``). With frozen-LM features (``feature_dim`` > 0) the posterior mean
+is a linear projection of the normalised features. With ``feature_dim`` = 0 (shards preprocessed
+with ``encoder.model: null``: tokens only) Stage A learns a token embedding instead, the encoder
+of the paper's released text code (a learned embedding followed by a linear map, which composes to
+one embedding table): the input is then the token ids as head rows (compact ids under
+``data.vocab: corpus``). On small corpora this trains far better than frozen contextual features
+(docs/QUALITY_RESEARCH.md: the flow must model a joint over T positions; per-token latents of a
+learned embedding give it the least to model).
+
 Feature normalisation statistics (per-channel mean/std of the frozen encoder features) live in the
 model as buffers so that the export carries them; they are estimated from the first batches
-(``estimate_feature_stats``) or passed in (``set_feature_stats``).
+(``estimate_feature_stats``) or passed in (``set_feature_stats``). Empty for the token embedding.
 """
 from __future__ import annotations
 
 import math
 from typing import Iterable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,13 +72,21 @@ class StageAModel(nn.Module):
         self.register_buffer("feat_std", torch.ones(feature_dim))
         self.register_buffer("feat_stats_set", torch.zeros((), dtype=torch.bool))
         d = cfg.latent_dim
-        self.proj = nn.Linear(feature_dim, d)
-        self.logvar = None
+        self.proj = self.embed = self.logvar = None
+        if feature_dim > 0:
+            self.proj = nn.Linear(feature_dim, d)
+        else:  # learned token embedding; unit-scale rows so tokens start well apart relative to sigma
+            self.embed = nn.Embedding(vocab_size, d)
+            nn.init.normal_(self.embed.weight, std=1.0)
         if cfg.learned_logvar:
             # Starts at log(sigma^2) everywhere, i.e. exactly the fixed-noise model.
-            self.logvar = nn.Linear(feature_dim, d)
-            nn.init.zeros_(self.logvar.weight)
-            nn.init.constant_(self.logvar.bias, 2 * math.log(cfg.noise_scale))
+            if self.embed is None:
+                self.logvar = nn.Linear(feature_dim, d)
+                nn.init.zeros_(self.logvar.weight)
+                nn.init.constant_(self.logvar.bias, 2 * math.log(cfg.noise_scale))
+            else:
+                self.logvar = nn.Embedding(vocab_size, d)
+                nn.init.constant_(self.logvar.weight, 2 * math.log(cfg.noise_scale))
         self.flow = build_flow(d, cfg.flow)
         dc = cfg.decoder
         self.dec_in = nn.Linear(d, dc.width)
@@ -101,16 +119,26 @@ class StageAModel(nn.Module):
         std = (s2 / n - mean.pow(2)).clamp_min(0).sqrt()
         return mean.float(), std.float()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.dec_in.weight.dtype
+
+    @property
+    def embeds_tokens(self) -> bool:
+        """True: the encoder input is token ids (head rows), not stored features."""
+        return self.embed is not None
+
     def normalize(self, features: torch.Tensor) -> torch.Tensor:
         x = from_stored(features).to(self.feat_mean.dtype)
-        return ((x - self.feat_mean) / self.feat_std).to(self.proj.weight.dtype)
+        return ((x - self.feat_mean) / self.feat_std).to(self.dtype)
 
     # ------------------------------------------------------------------ the coupling
 
-    def posterior(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q(u|x) = N(mean, exp(logvar)) per element, [B, T, d] each."""
-        h = self.normalize(features)
-        mean = self.proj(h)
+    def posterior(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(u|x) = N(mean, exp(logvar)) per element, [B, T, d] each. ``source``: features
+        [B, T, H], or token ids [B, T] (head rows) for the token-embedding encoder."""
+        h = source.long() if self.embed is not None else self.normalize(source)
+        mean = self.embed(h) if self.embed is not None else self.proj(h)
         if self.logvar is not None:
             logvar = self.logvar(h).clamp(-12.0, 6.0)
         else:
@@ -124,11 +152,11 @@ class StageAModel(nn.Module):
             return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
         return mask.bool()
 
-    def encode_latent(self, features: torch.Tensor, mask: Optional[torch.Tensor] = None,
+    def encode_latent(self, source: torch.Tensor, mask: Optional[torch.Tensor] = None,
                       eps: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """u = E(x, eps) = mean + sigma * eps (at every position; eps itself at pads under the
-        "passthrough" ablation)."""
-        mean, logvar = self.posterior(features)
+        "passthrough" ablation). ``source`` as in ``posterior``."""
+        mean, logvar = self.posterior(source)
         if eps is None:
             eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         real = mean + torch.exp(0.5 * logvar) * eps
@@ -177,13 +205,13 @@ class StageAModel(nn.Module):
             ce, correct = ce + l, correct + c
         return ce, correct
 
-    def loss(self, features: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, step: int = 0,
+    def loss(self, source: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, step: int = 0,
              eps: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
         m = self.scored(mask, tokens)
-        mf = m[..., None].to(self.proj.weight.dtype)
+        mf = m[..., None].to(self.dtype)
         n_tok = m.sum().clamp_min(1)
         n_el = n_tok * self.latent_dim
-        mean, logvar = self.posterior(features)
+        mean, logvar = self.posterior(source)
         if eps is None:
             eps = torch.randn_like(mean)
         u = torch.where(m[..., None], mean + torch.exp(0.5 * logvar) * eps, eps)
@@ -209,11 +237,20 @@ class StageAModel(nn.Module):
     def flops_per_sample(self, seq_len: int) -> float:
         """Training FLOPs per sequence (forward matmuls x 3 for forward + backward)."""
         d, H, dc = self.latent_dim, self.feature_dim, self.cfg.decoder
-        per_tok = 2 * H * d * (2 if self.logvar is not None else 1)
+        per_tok = 2 * H * d * (2 if self.logvar is not None else 1)  # 0 for the token embedding
         per_tok += self.flow.flops_per_token(seq_len)
         per_tok += 2 * d * dc.width + transformer_flops_per_token(dc.width, dc.depth, dc.ffn, seq_len)
         per_tok += 2 * dc.width * self.vocab_size
         return 3.0 * seq_len * per_tok
+
+
+def source_of_samples(model: StageAModel, samples: list[dict], vocab=None, device="cpu") -> torch.Tensor:
+    """The encoder input of shard samples: their stored features, or for the token-embedding
+    encoder their token ids as head rows (``vocab``: the export's ``CompactVocab``, or None)."""
+    if model.embeds_tokens:
+        tok = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
+        return (tok if vocab is None else vocab.to_compact(tok)).to(device)
+    return torch.from_numpy(np.stack([s["features"] for s in samples])).to(device)
 
 
 class PriorDecoder(nn.Module):

@@ -51,6 +51,15 @@ def _nucleus_rows(logits: torch.Tensor, top_p: float, k: int):
     probs = _probs(logits)
     R, V = probs.shape
     kk = min(k + 1, V)
+    if kk >= V:
+        # A vocabulary no larger than k (e.g. a compact head): sorting whole rows is cheap, while the
+        # radix fallback's 2^16-bucket fp64 histograms per row would cost far more than V.
+        vals, ids = torch.sort(probs, dim=-1, descending=True)
+        _, thr = _nucleus_sorted(vals, top_p)
+        gid, perm = torch.sort(ids, dim=-1)
+        v = vals.gather(1, perm)
+        yield torch.arange(R, device=probs.device), v, gid, v >= thr.unsqueeze(1)
+        return
     if kk < V:
         # k * max prob bounds the top-k mass: rows that cannot reach p skip the top-k pass.
         cand = (probs.max(dim=-1).values.double() * k >= top_p).nonzero().squeeze(1)

@@ -13,7 +13,10 @@ Writes ``run.dir/eval/results.json``, ``results.csv`` and ``frontier.png`` (see
 - ``stage_a`` (``evaluate.stage_a_series``, needs the Stage A export): the same one-step settings
   for the Stage-A-only sampler (z -> inverse flow -> Stage A decoder), its own series;
 - ``reference``: real held-out text: ``evaluate.reference`` when set, else the held-out split of
-  the preprocessed shard set (tokens decoded with the data tokenizer).
+  the preprocessed shard set (tokens decoded with the data tokenizer);
+- ``factorized`` (``evaluate.factorized_series``, needs the shards): every position drawn from the
+  training data's per-position marginals (the barrier of the paper's Prop. 1,
+  ``evaluation/factorized.py``), ``evaluate.num_samples`` samples.
 
 Every row also carries the length statistics against the reference (``length_tv``, the TV distance
 of the lengths before the first EOS; ``no_eos_fraction``) and is scored under
@@ -33,6 +36,7 @@ import time
 from ...components import paths as run_paths
 from ...components.logging import get_logger, setup_logging
 from ...evaluation import report
+from ...evaluation.factorized import factorized_samples
 from ...evaluation.protocol import length_stats, lengths, protocol_inputs
 from ...evaluation.samples_file import SampleFile, read_reference_file, read_samples
 from ...sampling import generate as G
@@ -199,6 +203,13 @@ def main(cfg) -> dict:
             sweep_rows, sweep_notes = run_sweep(cfg, pool, scorer_tok, out_dir, data_tok, ref_lengths)
             rows.extend(sweep_rows)
             notes.extend(sweep_notes)
+        if e.factorized_series and os.path.isfile(os.path.join(run_paths.data_dir(cfg), "manifest.json")):
+            fsf = factorized_samples(run_paths.data_dir(cfg), data_tok, e.num_samples, cfg.sample.seed,
+                                     cfg.data.seq_len)
+            row = _score_row(pool, fsf, scorer_tok, cfg, data_tok, ref_lengths, name="factorized", kind="factorized")
+            log.info("factorized baseline: Gen-PPL %.2f entropy %.3f %s", row["gen_ppl"], row["entropy"],
+                     row["entropy_unit"])
+            rows.append(row)
         if ref is not None and ref.records:
             _log_problems(ref)
             row = _score_row(pool, ref, scorer_tok, cfg, data_tok, ref_lengths, name=ref_name, kind="reference")

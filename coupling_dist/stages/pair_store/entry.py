@@ -24,6 +24,7 @@ from ...components.logging import get_logger, setup_logging
 from ...components.paths import stage_dir
 from ...config import Config
 from ...data.shard_job import ShardJob
+from ...data.vocab import CompactVocab
 from ...models.stage_a_export import load_stage_a
 from ...components.assets import load_causal_lm
 from ...models.teacher import cache_fields, teacher_dtype
@@ -104,7 +105,8 @@ def rank_main(cfg: Config) -> dict:
     work = writer.run_rank(model=model, source_dir=ctx["data_dir"], plan=ctx["plan"], out_dir=ctx["out_dir"],
                            rank=rank, world=world, seed=cfg.run.seed, K=ps.multiplicity, dtype=ps.dtype,
                            batch_size=ps.batch_size, artifact_hash=ctx["artifact_hash"], settings=ctx["settings"],
-                           device=pick_device(cfg), log=LOG.info, teacher_cache=cache)
+                           device=pick_device(cfg), log=LOG.info, teacher_cache=cache,
+                           vocab=CompactVocab.from_meta(ctx["meta"].get("vocab")))
     results = _gather(work, world)
     summary: dict = {"ranks": results}
     if rank == 0:

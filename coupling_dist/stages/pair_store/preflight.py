@@ -19,9 +19,6 @@ from ...models.teacher import cache_record
 def check_artifact(meta: dict, info: dict, art: str, src_dir: str) -> None:
     """Refuse an artifact made for other shards, naming both sides."""
     src = os.path.join(src_dir, "manifest.json")
-    if info["feature_dim"] is None:
-        raise DataMismatchError(f"{src}: the source shards hold no 'features' field; the pair store encodes "
-                                f"stored features (rerun preprocess with encoder.model set)")
     problems = []
     a_tok, s_tok = meta.get("tokenizer") or {}, info["tokenizer"]
     if a_tok.get("hash") != s_tok.get("hash"):
@@ -29,7 +26,7 @@ def check_artifact(meta: dict, info: dict, art: str, src_dir: str) -> None:
                         f"{s_tok.get('name')!r} (hash {s_tok.get('hash')})")
     if int(meta.get("seq_len", -1)) != info["seq_len"]:
         problems.append(f"seq_len: artifact {meta.get('seq_len')} vs shards {info['seq_len']}")
-    if int(meta.get("feature_dim", -1)) != info["feature_dim"]:
+    if int(meta.get("feature_dim", -1)) != (info["feature_dim"] or 0):  # 0: token-embedding encoder
         problems.append(f"feature width: artifact {meta.get('feature_dim')} vs shards {info['feature_dim']}")
     # a compact-vocabulary artifact's head is smaller than the tokenizer: compare tokenizer sizes
     a_vocab = (meta.get("vocab") or {}).get("full_size", meta.get("vocab_size", -1))

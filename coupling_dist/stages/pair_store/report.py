@@ -29,6 +29,7 @@ from ...config import Config
 from ...data.dtypes import from_stored
 from ...data.shards import Manifest, read_shard
 from ...data.vocab import CompactVocab
+from ...models.stage_a import source_of_samples
 from .writer import sample_noise
 
 
@@ -232,12 +233,12 @@ def build_report(cfg: Config, ctx: dict, model) -> dict:
     rt_zuz = rt_uzu = 0.0
     for i in range(0, len(src), ps.batch_size):
         chunk = src[i:i + ps.batch_size]
-        feats = torch.from_numpy(np.stack([s["features"] for s in chunk])).to(dev)
+        source = source_of_samples(model, chunk, vocab, dev)
         m = torch.from_numpy(np.stack([s["mask"] for s in chunk])).to(dev).bool()
         tok = torch.from_numpy(np.stack([s["tokens"] for s in chunk])).to(dev).long()
         T = m.shape[1]
         eps = torch.stack([sample_noise(cfg.run.seed, s["__key__"], 1, T, model.latent_dim)[0] for s in chunk]).to(dev)
-        u = model.encode_latent(feats, m, eps)
+        u = model.encode_latent(source, m, eps)
         correct += int((_predict(model, u, m, vocab) == tok)[m].sum())
         total += int(m.sum())
         zf = model.to_gaussian(u, m)

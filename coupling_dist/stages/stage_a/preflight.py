@@ -24,7 +24,7 @@ def preflight(cfg: Config) -> StageATask:
     except (KeyError, ValueError) as e:
         raise PreflightError(str(e)) from None
     enc = task.meta.get("encoder") or {}
-    if enc and cfg.stage_a.pad_positions == "encoded" and enc.get("pad_features") != PAD_FEATURES:
+    if enc.get("name") and cfg.stage_a.pad_positions == "encoded" and enc.get("pad_features") != PAD_FEATURES:
         raise PreflightError(f"{manifest}: these features were made with pad positions zeroed (an older "
                              f"preprocess); stage_a.pad_positions=encoded needs the LM's features at pads: "
                              f"rerun preprocess into a new data.out_dir")

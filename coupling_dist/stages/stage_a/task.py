@@ -1,8 +1,9 @@
 """Stage A as a Trainer task (see ``components/trainer.py`` for the protocol).
 
 ``StageATask.from_data(cfg, data_dir)`` is what the pre-flight uses: it reads the preprocessed shard set's
-manifest, checks that it holds encoder features that fit the config (clear errors naming the
-manifest and field before any training), estimates the feature normalisation statistics from the
+manifest, checks that its encoder features fit the config (clear errors naming the manifest and
+field before any training; shards without features -- ``encoder.model: null`` -- give the
+token-embedding encoder, ``models/stage_a.py``), estimates the feature normalisation statistics from the
 first training batches, and records what the export needs (seq_len, tokenizer and encoder
 identity, and the compact vocabulary's ids under ``data.vocab: corpus``: the decoder head then
 covers those ids only, and targets are mapped to them, ``data/vocab.py``). Everything the Trainer calls is below.
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from ...config import Config
-from ...data.source import DataMismatchError, check_tokenizer, describe_source
+from ...data.source import check_tokenizer, describe_source
 from ...data.vocab import CompactVocab, vocab_for
 from ...distributed.parallelize import ParallelDims, parallelize
 from ...models.stage_a import StageAModel
@@ -47,10 +48,6 @@ class StageATask:
 
         man = Manifest.load(data_dir)
         info = describe_source(man, data_dir)
-        if info["feature_dim"] is None:
-            raise DataMismatchError(
-                f"{os.path.join(data_dir, 'manifest.json')}: the shards hold no 'features' field; rerun "
-                f"preprocess with encoder.model set (Stage A trains on stored encoder features)")
         check_tokenizer(cfg.data.tokenizer, info, data_dir)
         bs = min(cfg.stage_a.train.batch_size, 64)
 
@@ -69,8 +66,9 @@ class StageATask:
         meta = {"seq_len": info["seq_len"], "tokenizer": info["tokenizer"], "encoder": info["encoder"],
                 "feature_dtype": info["feature_dtype"], "source_data": os.path.abspath(data_dir),
                 "vocab": vocab.to_meta() if vocab else None}
-        return cls(cfg, info["feature_dim"], vocab.size if vocab else info["vocab_size"], seq_len=info["seq_len"],
-                   meta=meta, stats_batches=stats_batches(), vocab=vocab)
+        feature_dim = info["feature_dim"] or 0  # 0: no stored features, Stage A learns a token embedding
+        return cls(cfg, feature_dim, vocab.size if vocab else info["vocab_size"], seq_len=info["seq_len"],
+                   meta=meta, stats_batches=stats_batches() if feature_dim else None, vocab=vocab)
 
     # ------------------------------------------------------------------ Trainer protocol
 
@@ -89,13 +87,17 @@ class StageATask:
         """The batch's tokens as head rows (compact ids under ``data.vocab: corpus``)."""
         return batch["tokens"] if self.vocab is None else self.vocab.to_compact(batch["tokens"])
 
+    def source(self, batch: dict) -> torch.Tensor:
+        """The encoder's input: stored features, or the head-row ids for the token embedding."""
+        return batch["features"] if self.feature_dim else self.targets(batch)
+
     def loss(self, model: StageAModel, batch: dict, step: int):
-        return model.loss(batch["features"], self.targets(batch), batch["mask"], step)
+        return model.loss(self.source(batch), self.targets(batch), batch["mask"], step)
 
     @torch.no_grad()
     def eval_metrics(self, model: StageAModel, batch: dict) -> dict:
         # Evaluated at the end-of-anneal weight so eval losses are comparable across steps.
-        _, m = model.loss(batch["features"], self.targets(batch), batch["mask"], step=self.cfg.stage_a.train.steps)
+        _, m = model.loss(self.source(batch), self.targets(batch), batch["mask"], step=self.cfg.stage_a.train.steps)
         return {k: v for k, v in m.items() if k != "lambda_flow"}
 
     def flops_per_sample(self) -> dict:

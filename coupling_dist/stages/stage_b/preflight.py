@@ -98,7 +98,32 @@ def preflight(cfg: Config) -> dict:
     mask_id = (vocab - 1 if compact is None else compact.size) if masked else None
     return {"store": store, "manifest": man, "K": K, "seq_len": T, "latent_dim": d, "vocab_size": vocab,
             "tokenizer": tok, "tok_vocab": tok_vocab, "teacher": teacher, "mask_token_id": mask_id,
-            "eos_id": tok.get("eos_id"), "pad_id": tok.get("pad_id"), "vocab": compact}
+            "eos_id": tok.get("eos_id"), "pad_id": tok.get("pad_id"), "vocab": compact,
+            "stage_a": check_composite(cfg, man, where) if cfg.stage_b.model.kind == "composite" else None}
+
+
+def check_composite(cfg: Config, man: dict, where: str) -> str:
+    """``stage_b.model.kind: composite`` starts from the very Stage A export the pair store was
+    encoded with (its path and sha256 are in the store's manifest); returns that path."""
+    from ...models.stage_a_export import artifact_hash, read_meta
+
+    rec = man.get("stage_a_artifact") or {}
+    art = rec.get("path")
+    if cfg.stage_b.tp != 1:
+        raise PreflightError(f"stage_b.model.kind=composite runs at stage_b.tp=1 only (got {cfg.stage_b.tp}); "
+                             f"use data parallelism")
+    if not art or not os.path.isfile(os.path.join(art, "model.safetensors")):
+        raise PreflightError(f"stage_b.model.kind=composite needs the Stage A export the pair store {where} was "
+                             f"made from, but {art!r} is gone; re-export Stage A and rebuild the pair store")
+    if artifact_hash(art) != rec.get("sha256"):
+        raise PreflightError(f"stage_b.model.kind=composite: the Stage A export {art} changed since the pair store "
+                             f"{where} was made from it (sha256 differs); rebuild the pair store")
+    sa = read_meta(art)["stage_a"]
+    if sa["flow"]["kind"] != "realnvp" or sa.get("pad_positions", "encoded") != "encoded":
+        raise PreflightError(f"stage_b.model.kind=composite needs a Stage A export with stage_a.flow.kind=realnvp and "
+                             f"stage_a.pad_positions=encoded (one parallel inverse pass over every position); {art} has "
+                             f"flow {sa['flow']['kind']!r}, pad_positions {sa.get('pad_positions')!r}")
+    return art
 
 
 def check_cache(man: dict, where: str, cfg: Config, path: str) -> None:

@@ -40,7 +40,8 @@ from ...components import faults
 from ...config import Config
 from ...distributed.parallelize import ParallelDims, parallelize
 from ...losses.kd_loss import sequence_loss
-from ...models.generator import Generator, export_generator
+from ...models.composite_generator import composite_arch
+from ...models.generator import build_generator, export_generator
 from ...models.teacher import CACHE_FIELDS, teacher_dtype, teacher_flops_per_token, trunk_hidden
 
 
@@ -49,16 +50,28 @@ class StageBTask:
         self.cfg, self.info = cfg, info
         self.dims = dims or ParallelDims()
         self.mpu = self.dims.mpu  # the model-parallel groups DeepSpeed and the Trainer read
-        self.model: Optional[Generator] = None
+        self.model: Optional[nn.Module] = None
         self._teacher: Optional[nn.Module] = None
         self.vocab = info.get("vocab")  # CompactVocab, or None: the head spans the tokenizer vocabulary
         self._teacher_rows: Optional[torch.Tensor] = None  # the teacher head in this student's row order
 
     # ------------------------------------------------------------------ model
 
+    def arch(self):
+        """What ``build_generator`` builds: ``stage_b.model``, or for the composite the Stage A config."""
+        if self.info.get("stage_a") is None:
+            return self.cfg.stage_b.model
+        from ...models.stage_a_export import read_meta
+
+        return composite_arch(read_meta(self.info["stage_a"])["stage_a"])
+
     def build_model(self) -> nn.Module:
         i = self.info
-        model = Generator(self.cfg.stage_b.model, i["latent_dim"], i["seq_len"], i["vocab_size"], i["mask_token_id"])
+        model = build_generator(self.arch(), i["latent_dim"], i["seq_len"], i["vocab_size"], i["mask_token_id"])
+        if i.get("stage_a") is not None:  # warm start: G = D(NF^-1(z)) exactly, before any update
+            from safetensors.torch import load_file
+
+            model.load_stage_a(load_file(os.path.join(i["stage_a"], "model.safetensors")))
         self.model = parallelize(model, self.dims,
                                  activation_checkpointing=self.cfg.stage_b.train.activation_checkpointing)
         return self.model
@@ -186,8 +199,8 @@ class StageBTask:
 
     def flops_per_sample(self) -> dict:
         i = self.info
-        gen = self.model or Generator(self.cfg.stage_b.model, i["latent_dim"], i["seq_len"], i["vocab_size"],
-                                      i["mask_token_id"])
+        gen = self.model or build_generator(self.arch(), i["latent_dim"], i["seq_len"], i["vocab_size"],
+                                            i["mask_token_id"])
         out = {"student": gen.flops_per_sample(i["seq_len"])}
         if i["teacher"] is not None and not self.cached_kd:  # a cached teacher costs no FLOPs here
             out["teacher"] = teacher_flops_per_token(self.teacher(D.device()), i["seq_len"], i["vocab_size"]) * i["seq_len"]
@@ -211,7 +224,7 @@ class StageBTask:
         path = None
         if D.is_main():
             meta = dict(self.export_meta(), train_step=int(trainer.step), weights="ema" if trainer.ema else "live")
-            path = export_generator(full, self.cfg.stage_b.model, meta, out_dir)
+            path = export_generator(full, self.arch(), meta, out_dir)
         D.barrier()
         return path
 
