@@ -35,7 +35,9 @@ def corpus(n, seed, lengths=None):
 
 def train_stage_a(mode, steps, data):
     torch.manual_seed(0)
-    cfg = StageAConfig(latent_dim=D, pad_positions=mode, lambda_kl=1e-3, train=TrainConfig(steps=max(steps, 1)),
+    # weights per position (Eq. 1); these equal the per-element 1e-3 and 0.5 -> 1 the test was calibrated with
+    cfg = StageAConfig(latent_dim=D, pad_positions=mode, lambda_kl=1e-3 / D, lambda_flow_start=0.5 / D,
+                       lambda_flow_end=1.0 / D, train=TrainConfig(steps=max(steps, 1)),
                        flow=FlowConfig(layers=4, hidden=32, depth=1, heads=4),
                        decoder=DecoderConfig(width=32, depth=1, heads=4, ffn=64))
     model = StageAModel(H, V, cfg)

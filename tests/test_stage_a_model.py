@@ -101,7 +101,13 @@ def test_loss_terms_match_their_definitions(pad_positions):
     ce_ref = torch.nn.functional.cross_entropy(logits[real], tokens[real].long())
     assert m["ce"].item() == pytest.approx(ce_ref.item(), rel=1e-5)
     c = model.cfg
-    expect = c.lambda_rec * ce_ref + c.lambda_kl * kl_ref + 0.5 * nll_ref
+    # Eq. 1 (sums over the sequence) divided by the number of scored positions: KL and flow NLL
+    # summed over the d channels of a position, CE per position
+    n_pos = int(real.sum())
+    kl_pos = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum() / n_pos
+    nll_pos = (0.5 * u[real].pow(2) + 0.5 * math.log(2 * math.pi)).sum() / n_pos
+    assert kl_pos.item() == pytest.approx(D * kl_ref.item(), rel=1e-5)
+    expect = c.lambda_rec * ce_ref + c.lambda_kl * kl_pos + 0.5 * nll_pos
     assert loss.item() == pytest.approx(expect.item(), rel=1e-5)
 
 

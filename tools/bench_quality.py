@@ -20,8 +20,8 @@ unigram entropy (data: about 3.42 nats). The learning curve is one-step validity
 drawn to ``<out>/learning_curve.png``; ``<out>/results.json`` holds everything.
 
 The recipe is the one docs/QUALITY_RESEARCH.md arrived at: Stage A learns a token embedding
-(``encoder.model: null``), latent width 4, sigma 0.2, lambda_flow 2 -> 4 (per-position weight of the
-flow term equal to the CE's), RealNVP 8 x 64, decoder 128 x 3; Stage B is the composite generator
+(``encoder.model: null``), latent width 4, sigma 0.2, lambda_flow 0.5 -> 1 over 5 % (Eq. 1's
+weights), lambda_KL 2.5e-4, RealNVP 8 x 64, decoder 128 x 3; Stage B is the composite generator
 D(NF^-1(z)) warm-started from Stage A (``stage_b.model.kind: composite``) without latent mixing.
 """
 from __future__ import annotations
@@ -51,8 +51,8 @@ def config(out: str, a) -> dict:
         "encoder": {"model": None},
         "ray": {"num_workers": 1, "num_cpus_per_worker": 1},
         "stage_a": {
-            "latent_dim": 4, "noise_scale": 0.2, "lambda_kl": 1e-3, "lambda_flow_start": 2.0,
-            "lambda_flow_end": 4.0, "flow_anneal_fraction": 0.05,
+            "latent_dim": 4, "noise_scale": 0.2, "lambda_kl": 2.5e-4, "lambda_flow_start": 0.5,
+            "lambda_flow_end": 1.0, "flow_anneal_fraction": 0.05,
             "flow": {"kind": "realnvp", "layers": 8, "hidden": 64, "depth": 1, "heads": 4, "scale_bound": 2.0},
             "decoder": {"width": 128, "depth": 3, "heads": 4, "ffn": 256},
             "train": {"steps": sa_steps, "batch_size": 32, "lr": 1e-3, "min_lr_ratio": 0.1, "warmup_steps": min(50, sa_steps // 10),

@@ -7,9 +7,16 @@
 
     L = lambda_rec * CE + lambda_KL * KL(q(u|x) || N(0, I)) + lambda_flow(step) * NLL_flow
 
-Normalisation of the three terms (stated because their relative weights depend on it): CE is the
-mean over scored tokens; KL and the flow NLL are means over scored (token, channel) elements, in
-nats, so ``bpd`` = NLL / ln 2 is the usual bits-per-dim of a continuous density (it can be negative).
+Normalisation of the three terms (stated because their relative weights depend on it). Eq. 1
+sums each term over the sequence: CE over the T positions, KL and the flow NLL over the T x d
+latent elements. We divide all three by the number of scored positions (a constant per batch: the
+same optimum, and Adam is invariant to the overall scale), so the loss is CE per position +
+lambda_KL * KL per position + lambda_flow * NLL per position (each summed over the d channels), and
+the lambdas mean what the paper's mean (Table 7: lambda_flow 0.5 -> 1). Until 2026-11 the KL and
+flow terms were per-element means, which weighed the flow d times less than Eq. 1 does (256x at
+the paper's width): the quality research found that the flow must weigh as much as Eq. 1 says
+(docs/QUALITY_RESEARCH.md). The logged ``kl`` and ``flow_nll`` stay per element, so ``bpd`` =
+flow_nll / ln 2 is the usual bits-per-dim of a continuous density (it can be negative).
 
 Length (``stage_a.pad_positions``). The paper pads every sequence to T (EOS, then pads) and
 applies E, the flow and D to all T positions (Algorithm 1; Eq. 2 is a product over all T): with
@@ -217,15 +224,16 @@ class StageAModel(nn.Module):
         u = torch.where(m[..., None], mean + torch.exp(0.5 * logvar) * eps, eps)
         # KL(N(mean, var) || N(0, 1)) per element, closed form.
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
-        kl = (kl * mf).sum() / n_el
+        kl = (kl * mf).sum() / n_tok  # Eq. 1's sums, per position (module docstring)
         z, logdet = self.flow(u, m)
         nll = ((0.5 * z.pow(2) + 0.5 * LOG_2PI) * mf).sum() - logdet.sum()
-        nll = nll / n_el
+        nll = nll / n_tok
         ce_sum, correct = self.reconstruction(u, tokens, mask)
         ce = ce_sum / n_tok
         c = self.cfg
         lam = self.lambda_flow(step)
         total = c.lambda_rec * ce + c.lambda_kl * kl + lam * nll
+        kl, nll = kl / self.latent_dim, nll / self.latent_dim  # logged per element
         metrics = {"loss": total.detach(), "ce": ce.detach(), "kl": kl.detach(), "flow_nll": nll.detach(),
                    "bpd": nll.detach() / math.log(2), "rec_acc": correct / n_tok,
                    "logdet_per_dim": logdet.sum().detach() / n_el, "lambda_flow": torch.tensor(lam),

@@ -3,7 +3,9 @@
 ``StageBTask(cfg, info, dims)`` takes what the pre-flight checked (``preflight.checked_task_info``)
 and the parallel layout (``distributed.parallelize.build_parallel_dims``). The task then:
 
-- builds the plain generator (``models/generator.py``) and applies the parallel layout with
+- builds the plain generator (``models/generator.py``; for ``stage_b.model.kind: composite`` the
+  composite D(NF^-1(z)) initialised from the Stage A export the pair store was made from,
+  ``models/composite_generator.py``) and applies the parallel layout with
   ``distributed.parallelize.parallelize`` (megatron-core TP layers when ``stage_b.tp > 1``,
   activation checkpointing when ``stage_b.train.activation_checkpointing``); ``mpu`` hands the
   TP x DP groups to DeepSpeed and the Trainer;
