@@ -10,7 +10,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))  # fixtures shared with the benchmarks (tools/*_fixtures.py)
-DEMO = os.path.join(ROOT, "configs", "demo.yaml")
+DEMO = os.path.join(ROOT, "configs", "tiny.yaml")
 PY = sys.executable
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/coupling_dist/torch_extensions"))

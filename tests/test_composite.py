@@ -72,3 +72,30 @@ def test_composite_starts_as_stage_a_map_and_trains_through_the_chunked_loss(tmp
     assert m["kind"] == "composite"
     with torch.no_grad():
         assert torch.equal(loaded(z), got)
+
+
+def test_composite_preflight_refuses_what_it_cannot_build(tmp_path):
+    """The composite starts from the pair store's own Stage A export: a moved/changed export, a
+    TarFlow (sequential inverse) or stage_b.tp > 1 are refused with the key and the fix."""
+    import pytest
+
+    from conftest import demo_cfg
+    from coupling_dist.components.preflight import PreflightError
+    from coupling_dist.models.stage_a_export import artifact_hash
+    from coupling_dist.stages.stage_b.preflight import check_composite
+    from test_stage_a_model import tiny_cfg as cfg_of
+
+    art = export_stage_a(trained_looking_stage_a(), str(tmp_path / "a"), {"seq_len": T})
+    man = {"stage_a_artifact": {"path": art, "sha256": artifact_hash(art)}}
+    cfg = demo_cfg(tmp_path, "stage_b.model.kind=composite")
+    assert check_composite(cfg, man, "store/manifest.json") == art
+    with pytest.raises(PreflightError, match="stage_b.tp=1"):
+        check_composite(demo_cfg(tmp_path, "stage_b.model.kind=composite", "stage_b.tp=2"), man, "m")
+    with pytest.raises(PreflightError, match="sha256 differs"):
+        check_composite(cfg, {"stage_a_artifact": {"path": art, "sha256": "0" * 64}}, "m")
+    with pytest.raises(PreflightError, match="is gone"):
+        check_composite(cfg, {"stage_a_artifact": {"path": str(tmp_path / "nowhere"), "sha256": "x"}}, "m")
+    torch.manual_seed(0)
+    tar = export_stage_a(StageAModel(0, V, cfg_of("tarflow")), str(tmp_path / "t"), {"seq_len": T})
+    with pytest.raises(PreflightError, match="realnvp"):
+        check_composite(cfg, {"stage_a_artifact": {"path": tar, "sha256": artifact_hash(tar)}}, "m")

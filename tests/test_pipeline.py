@@ -51,7 +51,7 @@ def test_unknown_stage_and_bad_key_fail_before_work(tmp_path):
     assert proc.returncode == 2 and "'pipeline.stages'" in proc.stderr and "stage_c" in proc.stderr
     proc = run_module("coupling_dist.stage_a", "--config", DEMO, f"run.dir={tmp_path}",
                       "stage_a.train.stepz=3", check=False)
-    assert proc.returncode == 2 and "stage_a.train.stepz" in proc.stderr and "demo.yaml" in proc.stderr
+    assert proc.returncode == 2 and "stage_a.train.stepz" in proc.stderr and "tiny.yaml" in proc.stderr
     assert not (tmp_path / "stage_a" / "checkpoints").exists()
 
 

@@ -41,7 +41,8 @@ def test_zero2_two_ranks_train_the_demo_config_and_export(tmp_path, data_dir):
     rows = _losses(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, 9))
     first, last = rows[0], rows[-1]
-    assert last["loss"] < first["loss"] - 0.2 and last["ce"] < first["ce"], (first, last)
+    # the terms fall (the total need not: lambda_flow ramps 0.5 -> 1 over these steps)
+    assert last["bpd"] < first["bpd"] - 0.2 and last["ce"] < first["ce"], (first, last)
     assert all(k in last for k in ("flow_nll", "kl", "bpd", "lambda_flow", "mfu", "tokens_per_s"))
     ck = tmp_path / "stage_a" / "checkpoints" / "step_00000008"
     marker = json.loads((ck / "complete.json").read_text())

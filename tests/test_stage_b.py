@@ -98,7 +98,7 @@ def test_preflight_errors(tmp_path, store_dir):
 
 def test_cli_refuses_mismatched_teacher_before_training(tmp_path, store_dir):
     run = _run_dir(tmp_path, store_dir)
-    proc = run_module("coupling_dist.stage_b", "--config", os.path.join(ROOT, "configs", "demo.yaml"), f"run.dir={run}",
+    proc = run_module("coupling_dist.stage_b", "--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.dir={run}",
                       "stage_b.kd.teacher=tiny:gpt2", *FAST, check=False, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "KD needs the same tokenizer" in proc.stderr
@@ -111,7 +111,7 @@ def test_cli_refuses_mismatched_teacher_before_training(tmp_path, store_dir):
 @pytest.mark.slow
 def test_single_process_trains_and_exports(tmp_path, store_dir):
     run = _run_dir(tmp_path, store_dir)
-    run_module("coupling_dist.stage_b", "--config", os.path.join(ROOT, "configs", "demo.yaml"), f"run.dir={run}",
+    run_module("coupling_dist.stage_b", "--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.dir={run}",
                "stage_b.train.steps=8", "stage_b.train.batch_size=8", *FAST, timeout=900)
     rows = _metrics(run)
     assert rows[-1]["step"] == 8 and rows[-1]["ce"] < rows[0]["ce"] - 0.05, rows
@@ -124,7 +124,7 @@ def test_single_process_trains_and_exports(tmp_path, store_dir):
 @pytest.mark.slow
 def test_tp2_dp2_four_processes_train(tmp_path, store_dir):
     run = _run_dir(tmp_path, store_dir)
-    torchrun(4, ["-m", "coupling_dist.stage_b", "--config", os.path.join(ROOT, "configs", "demo.yaml"), f"run.dir={run}",
+    torchrun(4, ["-m", "coupling_dist.stage_b", "--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.dir={run}",
                  "stage_b.tp=2", "stage_b.train.steps=6", "stage_b.train.batch_size=8", "stage_b.train.zero_stage=1",
                  *FAST], timeout=1200)
     rows = _metrics(run)
@@ -139,7 +139,7 @@ def test_tp2_dp2_four_processes_train(tmp_path, store_dir):
 
 @pytest.mark.slow
 def test_kill_and_resume_is_bitwise(tmp_path, store_dir):
-    args = ["--config", os.path.join(ROOT, "configs", "demo.yaml"), "stage_b.train.steps=6",
+    args = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "stage_b.train.steps=6",
             "stage_b.train.batch_size=4", "stage_b.train.ckpt_interval=3", *FAST]
     ref = _run_dir(tmp_path / "ref", store_dir) if os.makedirs(tmp_path / "ref") is None else None
     run_module("coupling_dist.stage_b", *args, f"run.dir={ref}", timeout=900)
@@ -166,7 +166,7 @@ def test_kill_and_resume_is_bitwise(tmp_path, store_dir):
 @pytest.mark.slow
 def test_ray_job_submit_trains_demo(tmp_path, store_dir, ray_head):
     run = _run_dir(tmp_path, store_dir)
-    proc = ray_job_submit(ray_head, ["-m", "coupling_dist.stage_b", "--config", os.path.join(ROOT, "configs", "demo.yaml"),
+    proc = ray_job_submit(ray_head, ["-m", "coupling_dist.stage_b", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
                                      f"run.dir={run}", "stage_b.train.steps=4", "stage_b.train.batch_size=4", *FAST])
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     done = json.load(open(os.path.join(run, "stage_b", "_COMPLETE.json")))

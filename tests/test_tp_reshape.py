@@ -137,7 +137,7 @@ def test_plan_resume_across_tp_sizes(tmp_path):
 
 # --------------------------------------------------------------------------- real Stage B runs
 
-ARGS = ["--config", os.path.join(ROOT, "configs", "demo.yaml"), "run.progress=false", "run.wandb.mode=disabled",
+ARGS = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "run.progress=false", "run.wandb.mode=disabled",
         "run.log_interval=1", "stage_b.train.warmup_steps=1", "stage_b.train.lr=1e-3",
         "stage_b.train.min_lr_ratio=0.1", "stage_b.train.eval_interval=1000", "stage_b.kd.chunk_vocab=151936",
         "stage_b.train.steps=4", "stage_b.train.batch_size=4", "stage_b.train.ckpt_interval=1",

@@ -1,6 +1,6 @@
 """Stage B step with the cached top-k KD teacher vs the live teacher, at the demo's shape.
 
-    python tools/bench_kd_cache.py [--config configs/demo.yaml] [--topk 64] [--steps 5] [--warmup 1]
+    python tools/bench_kd_cache.py [--config configs/tiny.yaml] [--topk 64] [--steps 5] [--warmup 1]
 
 Sizes come from the config (student ``stage_b.model``, ``stage_a.latent_dim``, ``data.seq_len``,
 ``stage_b.train.batch_size``, the teacher ``stage_b.kd.teacher`` and its vocabulary, KD temperature
@@ -34,7 +34,7 @@ def main() -> int:
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     p = argparse.ArgumentParser()
-    p.add_argument("--config", default=os.path.join(root, "configs", "demo.yaml"))
+    p.add_argument("--config", default=os.path.join(root, "configs", "tiny.yaml"))
     p.add_argument("--topk", type=int, default=64)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)

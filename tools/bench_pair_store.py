@@ -8,7 +8,7 @@ with 1 and 2 ranks (or ``pair_store.ray_workers`` Ray-actor ranks), on the same 
 source shards in the real format and a freshly initialised Stage A exported as a real artifact
 (tools/pair_store_fixtures.py; an untrained Stage A costs the same to run as a trained one).
 
-Shapes: ``demo`` is configs/demo.yaml's Stage A (T 32, features 64 = tiny Qwen2 width, d 16,
+Shapes: ``demo`` is configs/tiny.yaml's Stage A (T 32, features 64 = tiny Qwen2 width, d 16,
 RealNVP 4 layers hidden 64, Qwen vocab); ``paper`` is configs/lm1b_paper.yaml's Stage A (T 128,
 features 896 = Qwen2.5-0.5B width, d 256, RealNVP 12 layers hidden 1024 depth 2) on fewer samples.
 
@@ -43,7 +43,7 @@ from coupling_dist.data import shards as S  # noqa: E402
 
 QWEN_VOCAB = 151_669  # the tokenizer's vocabulary (what preprocess records)
 SHAPES = {
-    "demo": dict(config="configs/demo.yaml", T=32, H=64, samples=4096, shard=256, held=64),
+    "demo": dict(config="configs/tiny.yaml", T=32, H=64, samples=4096, shard=256, held=64),
     "paper": dict(config="configs/lm1b_paper.yaml", T=128, H=896, samples=48, shard=6, held=8),
 }
 

@@ -47,7 +47,7 @@ def main() -> int:
     enc = None if a.encoder == "none" else a.encoder
 
     def cfg_for(name, workers):
-        return load_config(os.path.join(ROOT, "configs", "demo.yaml"), [
+        return load_config(os.path.join(ROOT, "configs", "tiny.yaml"), [
             f"run.dir={tmp}/{name}", "run.progress=false", "run.wandb.mode=disabled", f"data.seq_len={a.seq_len}",
             f"data.shard_size={a.shard_size}", f"data.max_samples={a.sentences}", f"encoder.model={enc or 'null'}",
             f"ray.num_workers={workers}", "ray.num_cpus_per_worker=1"])

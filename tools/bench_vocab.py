@@ -3,7 +3,7 @@ full one, at the demo's shapes.
 
     python tools/bench_vocab.py [--steps 3] [--warmup 1] [--threads N]
 
-Shapes: ``configs/demo.yaml`` (seq_len 32, Stage A latent 16 / RealNVP 4 x 64 / decoder 64 x 2,
+Shapes: ``configs/tiny.yaml`` (seq_len 32, Stage A latent 16 / RealNVP 4 x 64 / decoder 64 x 2,
 batch 16; Stage B generator 64 x 2, batch 8, KD from ``tiny:qwen2`` at tau 2), the Qwen2.5
 tokenizer, and the compact vocabulary of the demo corpus: the ids of the Lee-corpus sentences
 tokenized as preprocess does (ids + EOS, cut at seq_len), plus EOS/pad. Full vocabulary: Stage A's
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_stage_b import rss_mb  # noqa: E402
 
-DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
+DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
 
 
 def corpus_ids(cfg) -> list[int]:
