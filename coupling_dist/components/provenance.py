@@ -35,10 +35,8 @@ from typing import NamedTuple, Optional
 
 from . import paths
 from .atomic import write_json
-from .logging import get_logger
 from .preflight import PreflightError
 
-log = get_logger("provenance")
 STARTED = "_INPUTS.json"  # a started stage's inputs and config (its partial state's provenance)
 STALE = ".stale-"  # <stage dir>.stale-<time>: a directory moved aside before a re-run
 

@@ -5,7 +5,7 @@ place at the same time.
 as the holder lives and names it (host, pid, what, since). A second taker fails at once with
 ``RunLockError`` (a ``PreflightError``: exit status 2) naming the holder. The kernel drops a flock
 when its holder dies, however it dies, so a lock file left by a dead process is simply taken over
-(and the log says whose it was). The files live outside the stage directories, which the pipeline
+(a note on stderr says whose it was). The files live outside the stage directories, which the pipeline
 may move aside while a stage is locked.
 
 Names: ``pipeline`` (the pipeline driver, for its whole run) and one per stage. A stage with several
@@ -22,13 +22,11 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import sys
 import time
 from typing import Optional
 
-from .logging import get_logger
 from .preflight import PreflightError
-
-log = get_logger("run_lock")
 LOCK_DIR = ".locks"
 
 
@@ -58,8 +56,8 @@ class RunLock:
             raise RunLockError(f"{self.what} is in use: {self.path} is held by {holder}. Wait for it to finish or "
                                f"stop it (the lock is released when its holder exits), or use another run.dir") from None
         old = _read_fd(fd)
-        if old:
-            log.info("taking over %s, left by a process that is gone (%s)", self.path, old)
+        if old:  # its holder died without releasing it (a clean release empties the file)
+            print(f"note: taking over {self.path}, left by a process that is gone ({old})", file=sys.stderr, flush=True)
         os.lseek(fd, 0, os.SEEK_SET)
         os.ftruncate(fd, 0)
         os.write(fd, describe_self(self.what).encode())

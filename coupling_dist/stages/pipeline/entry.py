@@ -208,6 +208,7 @@ def _run_stages(cfg, stages, forced, config_path, overrides, rows, child) -> int
         child["proc"] = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
         rc = child["proc"].wait()  # a signal meanwhile is forwarded to it (above) and the wait goes on
         child["proc"] = None
+        rc = 128 - rc if rc < 0 else rc  # killed by signal N: the shell's 128 + N
         wall = time.time() - t0
         done = paths.read_completion(cfg, stage) if rc == 0 else None
         if rc != 0 or done is None:
