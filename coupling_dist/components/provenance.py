@@ -51,7 +51,8 @@ CONFIG_KEYS = {
     "stage_a": (("run.seed", "data.vocab", "stage_a."), ("stage_a.ray_workers",)
                 + tuple(f"stage_a.train.{k}" for k in _TRAIN_HOW)),
     "pair_store": (("run.seed", "pair_store."), ("pair_store.artifact", "pair_store.ray_workers", "pair_store.device")),
-    "stage_b": (("run.seed", "data.vocab", "stage_b."), ("stage_b.ray_workers", "stage_b.tp")
+    "stage_b": (("run.seed", "data.vocab", "stage_b."), ("stage_b.ray_workers", "stage_b.tp", "stage_b.model.attention",
+                                                        "stage_b.kd.chunk_positions", "stage_b.kd.chunk_vocab")
                 + tuple(f"stage_b.train.{k}" for k in _TRAIN_HOW)),
     "sample": (("sample.",), ("sample.export", "sample.out", "sample.ray_workers")),
     "evaluate": (("evaluate.", "sample.", "data.tokenizer", "data.seq_len"),
