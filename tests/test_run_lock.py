@@ -46,7 +46,7 @@ def _start_pipeline(run_dir, export, log_path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT)
 
 
-def _stage_pid(run_dir, pipeline: subprocess.Popen, log_path, timeout: float = 120) -> int:
+def _stage_pid(run_dir, pipeline: subprocess.Popen, log_path, timeout: float = 600) -> int:
     """The pid of the stage process, once it holds its lock and has started (its inputs recorded)."""
     lock = run_lock.lock_path(str(run_dir), "sample")
     t0 = time.time()
@@ -61,7 +61,7 @@ def _stage_pid(run_dir, pipeline: subprocess.Popen, log_path, timeout: float = 1
     raise AssertionError("the sample stage did not start: " + open(log_path).read()[-3000:])
 
 
-def _gone(pid: int, timeout: float = 30) -> bool:
+def _gone(pid: int, timeout: float = 120) -> bool:
     t0 = time.time()
     while time.time() - t0 < timeout:
         try:
@@ -91,7 +91,7 @@ def test_second_pipeline_or_stage_on_a_busy_run_dir_refuses(tmp_path, export):
         assert first.poll() is None and psutil.pid_exists(stage)  # the refusals left the running ones alone
     finally:
         first.send_signal(signal.SIGTERM)
-        first.wait(timeout=60)
+        first.wait(timeout=180)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
@@ -101,7 +101,7 @@ def test_stopping_or_killing_the_pipeline_ends_its_stage(tmp_path, export, sig):
     try:
         stage = _stage_pid(tmp_path / "run", pipeline, log)
         os.kill(pipeline.pid, sig)
-        rc = pipeline.wait(timeout=60)
+        rc = pipeline.wait(timeout=180)
         assert _gone(stage), f"the stage (pid {stage}) outlived the pipeline"
     finally:
         if pipeline.poll() is None:
