@@ -39,8 +39,9 @@ def _complete(cfg, stage: str) -> dict:
 
 
 def _pipeline(run_dir, stages, *extra, check=True):
+    # a generous timeout: a starved shared machine can take minutes just to import torch
     return run_module("coupling_dist.pipeline", "--config", DEMO, f"run.dir={run_dir}", *ARGS,
-                      f"pipeline.stages=[{','.join(stages)}]", *extra, check=check, timeout=900)  # generous: shared CI machines can be starved
+                      f"pipeline.stages=[{','.join(stages)}]", *extra, check=check, timeout=900)
 
 
 @pytest.fixture
