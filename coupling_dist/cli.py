@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Callable, Optional
 
-from .components import paths
+from .components import paths, provenance, run_lock
 from .components.atomic import write_json
 from .components.preflight import PreflightError, check_writable
 from .config import Config, ConfigError, load_config
@@ -41,17 +41,29 @@ def load(stage: str, argv: Optional[list[str]] = None) -> Config:
     return cfg
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
 def _is_rank0() -> bool:
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+    return _rank() == 0
 
 
 def run_entry(stage: str, fn: Callable[[Config], Optional[dict]], argv: Optional[list[str]] = None) -> int:
     """Run one stage. The stage's ``_COMPLETE.json`` marker (read by the pipeline to skip finished
     stages) is removed when the stage starts and written by rank 0 only after ``fn`` returned on
-    every rank, so an interrupted or failed stage is never marked complete."""
+    every rank, so an interrupted or failed stage is never marked complete. Each rank first takes
+    its lock on the stage (``components.run_lock``: a second run of the stage on the same run.dir
+    exits with 2 naming the holder); rank 0 records the stage's inputs and config at the start and
+    writes them, with its outputs' identity, into the marker (``components.provenance``)."""
+    lock = None
     try:
         cfg = load(stage, argv)
+        lock = run_lock.stage_lock(cfg, stage, _rank()).acquire()
+        started = provenance.begin(cfg, stage) if _is_rank0() else None
     except (ConfigError, PreflightError) as e:
+        if lock is not None:
+            lock.release()
         print(f"error: {e}", file=sys.stderr)
         return 2
     marker = paths.completion_marker(cfg, stage)
@@ -72,8 +84,10 @@ def run_entry(stage: str, fn: Callable[[Config], Optional[dict]], argv: Optional
         raise
     if _is_rank0():
         write_json(marker, {"stage": stage, "summary": summary or {}, "wall_s": round(time.time() - t0, 2),
-                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": cfg.to_dict()})
+                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": cfg.to_dict(),
+                            "provenance": provenance.complete(cfg, stage, started)})
     D.shutdown(wait_all=True)  # no rank leaves before rank 0 wrote the marker
+    lock.release()
     return 0
 
 

@@ -148,13 +148,20 @@ def test_killed_rank_leaves_no_manifest_and_rerun_matches_clean(world, clean, tm
 # --------------------------------------------------------------------------- pre-flight refusal
 
 
-@pytest.mark.parametrize("what", ["tokenizer", "seq_len", "width", "tokenizer-ray"])
+@pytest.mark.parametrize("what", ["tokenizer", "seq_len", "width", "tokenizer-ray", "encoder-hash", "encoder-layer"])
 def test_mismatched_stage_a_artifact_is_refused_before_any_work(world, tmp_path, what):
     other_tok = ({"tokenizer": synthetic_tokenizer(V, "othertok")}, ["artifact 'othertok-64'", "shards 'synthetic-64'"])
     kw, expect = {
         "tokenizer": other_tok, "tokenizer-ray": other_tok,
         "seq_len": ({"seq_len": 2 * T}, [f"seq_len: artifact {2 * T} vs shards {T}"]),
         "width": ({"feature_dim": 2 * H}, [f"feature width: artifact {2 * H} vs shards {H}"]),
+        # same width, another encoder (or another layer of it): the latents would be silently wrong
+        "encoder-hash": ({"encoder": {"name": "other-encoder", "hash": "h-other"}},
+                         ["encoder: artifact 'other-encoder' (hash 'h-other')", f"shards 'synthetic-encoder' (hash 'h{H}')",
+                          "differing: hash", "re-export Stage A"]),
+        "encoder-layer": ({"encoder": {"layer": 3, "pad_features": "zeroed"}},
+                          ["encoder: artifact 'synthetic-encoder' (hash", "layer 3, pad_features 'zeroed')",
+                           "layer None, pad_features None)", "differing: layer, pad_features"]),
     }[what]
     art = export_random_stage_a(str(tmp_path / "bad_export"), world["data"], **kw)
     extra = ["pair_store.ray_workers=2"] if what.endswith("ray") else []

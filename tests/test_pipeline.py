@@ -31,6 +31,21 @@ def test_pipeline_skips_complete_stages_and_prints_table(tmp_path):
     assert "frontier plot:" in proc.stdout
 
 
+def test_restricted_stages_list_only_their_outputs(tmp_path):
+    """With ``pipeline.stages`` cut to the first two, the closing summary names what they wrote and
+    nothing the run did not make (no samples, metrics table or plot)."""
+    for stage in PIPELINE_STAGES:  # even with every stage complete on disk
+        _mark(tmp_path, stage, {"metric": 1.0})
+    proc = run_module("coupling_dist.pipeline", "--config", DEMO, f"run.dir={tmp_path}",
+                      "pipeline.stages=[preprocess,stage_a]")
+    tail = proc.stdout.split("stage_a: already complete, skipping")[1]
+    assert "shard set:" in tail and os.path.join(str(tmp_path), "data", "manifest.json") in tail
+    assert "Stage A export:" in tail and os.path.join(str(tmp_path), "stage_a", "export") in tail
+    for other in ("pair store:", "generator:", "samples:", "metrics table:", "frontier plot:", "sample.jsonl",
+                  "results.csv"):
+        assert other not in tail, (other, tail)
+
+
 def test_failed_stage_stops_pipeline_and_is_not_marked(tmp_path):
     # preprocess on a corpus that does not exist fails; nothing after it runs, no marker written,
     # and an earlier stage's output is left intact.

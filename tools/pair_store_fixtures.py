@@ -64,10 +64,11 @@ def tiny_stage_a_cfg(latent_dim: int = 8) -> StageAConfig:
 
 def export_random_stage_a(art_dir: str, data_dir: str, cfg: Optional[StageAConfig] = None, *, seed: int = 0,
                           seq_len: Optional[int] = None, feature_dim: Optional[int] = None,
-                          tokenizer: Optional[dict] = None) -> str:
+                          tokenizer: Optional[dict] = None, encoder: Optional[dict] = None) -> str:
     """Export an untrained Stage A for the shard set ``data_dir`` (feature statistics estimated from
     its first shard, as training would). ``seq_len`` / ``feature_dim`` / ``tokenizer`` override
-    what the artifact claims, to build deliberately mismatched artifacts."""
+    what the artifact claims (``encoder``: keys that replace the shards' encoder record's), to build
+    deliberately mismatched artifacts."""
     from coupling_dist.models.stage_a import StageAModel
     from coupling_dist.models.stage_a_export import export_stage_a
 
@@ -85,5 +86,6 @@ def export_random_stage_a(art_dir: str, data_dir: str, cfg: Optional[StageAConfi
         feats = torch.from_numpy(np.stack([s["features"] for s in first]))
         mask = torch.from_numpy(np.stack([s["mask"] for s in first]))
         model.set_feature_stats(*StageAModel.estimate_feature_stats([(feats, mask)]))
-    meta = {"seq_len": seq_len or T, "tokenizer": tok, "encoder": man.encoder, "train_step": 0}
+    meta = {"seq_len": seq_len or T, "tokenizer": tok, "encoder": dict(man.encoder, **(encoder or {})),
+            "train_step": 0}
     return export_stage_a(model, art_dir, meta)

@@ -42,6 +42,26 @@ def describe_source(man, data_dir: str) -> dict:
             "feature_dtype": (feat or {}).get("dtype")}
 
 
+# Every key of the manifest's encoder record but its name determines the features (a name is not
+# identity: the same files under another path make the same features).
+ENCODER_NAME_KEYS = ("name",)
+
+
+def encoder_differences(a: dict, b: dict) -> list[str]:
+    """The keys (name excluded) whose values differ between two encoder records, e.g. a Stage A
+    export's ``encoder`` and the shards' manifest ``encoder``: hash, layer, dtype, width, pad_features."""
+    a, b = a or {}, b or {}
+    keys = sorted((set(a) | set(b)) - set(ENCODER_NAME_KEYS))
+    return [k for k in keys if a.get(k) != b.get(k)]
+
+
+def describe_encoder(enc: dict, keys=None) -> str:
+    """``'tiny:qwen2' (hash 1234, layer -1, ...)``: the name and the given (default: all) identity keys."""
+    enc = enc or {}
+    keys = keys if keys is not None else sorted(set(enc) - set(ENCODER_NAME_KEYS))
+    return f"{enc.get('name')!r} (" + ", ".join(f"{k} {enc.get(k)!r}" for k in keys) + ")"
+
+
 def check_tokenizer(tokenizer_ref: str, info: dict, data_dir: str) -> None:
     """The shards must have been made with the tokenizer ``data.tokenizer`` names."""
     from ..components import assets

@@ -1,6 +1,6 @@
 """Pair-store pre-flight: everything a rank needs, validated before any work (pure reads, so every
 rank -- and the Ray driver -- may call ``prepare``). The Stage A artifact must fit the source shards
-(tokenizer, seq_len, feature width, vocabulary); otherwise ``PreflightError`` names both sides."""
+(tokenizer, seq_len, feature width, the full encoder identity, vocabulary); otherwise ``PreflightError`` names both sides."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,7 @@ from ...components.paths import data_dir, pair_store_dir, stage_a_artifact
 from ...components.preflight import PreflightError, teacher_path
 from ...config import Config
 from ...data.shard_job import fingerprint
-from ...data.source import DataMismatchError, describe_source
+from ...data.source import DataMismatchError, describe_encoder, describe_source, encoder_differences
 from ...models.stage_a_export import artifact_hash, read_meta
 from ...models.teacher import cache_record
 
@@ -28,6 +28,16 @@ def check_artifact(meta: dict, info: dict, art: str, src_dir: str) -> None:
         problems.append(f"seq_len: artifact {meta.get('seq_len')} vs shards {info['seq_len']}")
     if int(meta.get("feature_dim", -1)) != (info["feature_dim"] or 0):  # 0: token-embedding encoder
         problems.append(f"feature width: artifact {meta.get('feature_dim')} vs shards {info['feature_dim']}")
+    # the same width is not the same features: another encoder, layer, dtype or pad handling makes
+    # latents the decoder was never trained on
+    a_enc, s_enc = meta.get("encoder") or {}, info["encoder"] or {}
+    differing = encoder_differences(a_enc, s_enc)
+    if differing:
+        shown = ["hash"] + [k for k in differing if k != "hash"]
+        problems.append(f"encoder: artifact {describe_encoder(a_enc, shown)} vs shards "
+                        f"{describe_encoder(s_enc, shown)} (differing: {', '.join(differing)})")
+    if meta.get("feature_dtype") and info["feature_dtype"] and meta["feature_dtype"] != info["feature_dtype"]:
+        problems.append(f"feature dtype: artifact {meta['feature_dtype']} vs shards {info['feature_dtype']}")
     # a compact-vocabulary artifact's head is smaller than the tokenizer: compare tokenizer sizes
     a_vocab = (meta.get("vocab") or {}).get("full_size", meta.get("vocab_size", -1))
     if int(a_vocab) != info["vocab_size"]:

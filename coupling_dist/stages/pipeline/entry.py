@@ -3,8 +3,22 @@
 preprocess -> stage_a -> pair_store -> stage_b -> sample -> evaluate. Each stage runs as its own
 process (clean torch.distributed / DeepSpeed / Ray state per stage), launched the way
 ``pipeline.launcher`` says: locally, under torchrun with ``pipeline.nproc`` ranks, or as an
-``srun`` step inside a SLURM allocation. A stage whose ``_COMPLETE.json`` marker exists is skipped;
-an interrupted stage has no marker and resumes from its own checkpoints / finished shards.
+``srun`` step inside a SLURM allocation.
+
+A stage whose ``_COMPLETE.json`` marker exists is skipped while the marker's provenance still
+matches (``components.provenance``: its inputs -- upstream stages by their markers' fingerprints --
+its config keys, its outputs); otherwise it re-runs, and so, through the fingerprints, does
+everything downstream of it, the log saying why. ``--force STAGE`` re-runs a stage and its
+dependents on purpose. A re-run first moves the stage's directory aside to
+``<dir>.stale-<time>`` (never deleted), so it cannot resume from checkpoints made from the old
+inputs. An interrupted stage has no marker and resumes from its own checkpoints / finished shards,
+unless it was started from other inputs (then it is moved aside too).
+
+One pipeline per run.dir at a time (``components.run_lock``: the second exits with 2 naming the
+holder); each stage process locks its stage. SIGTERM / SIGINT / SIGHUP / SIGUSR1 are forwarded to
+the running stage and the pipeline waits for it (then starts nothing further, except after USR1
+-- a preemption -- where the stage's own exit status decides); if the pipeline is killed outright
+the stage gets SIGTERM (Linux parent-death signal), so it never runs on as an orphan.
 Run as a Ray job (``ray job submit -- python -m coupling_dist.pipeline``), every stage is a plain
 child process that inherits the job's cluster: preprocess and evaluate schedule their actor pools,
 and the rank-based stages run ``ray.num_workers`` Ray-actor ranks (``components.ray_launch``).
@@ -19,9 +33,9 @@ import sys
 import time
 from typing import Optional
 
-from ...components import paths
+from ...components import paths, provenance, run_lock
 from ...components.preflight import check_writable
-from ...config import Config, load_config
+from ...config import Config, ConfigError, load_config
 
 DIST_STAGES = {"stage_a", "pair_store", "stage_b", "sample"}
 OUTPUTS = {  # what each stage leaves for users
@@ -81,47 +95,128 @@ def print_table(rows: list[dict]) -> None:
     print(line, flush=True)
 
 
-def main(config_path: Optional[str], overrides: list[str]) -> int:
-    """Run the configured stages in order; returns the exit status (config errors raise, see ``cli``)."""
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when the pipeline dies, even by SIGKILL (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+def split_force(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``--force STAGE`` / ``--force=STAGE`` (repeatable) out of the command line: (stages, the rest)."""
+    force, rest, it = [], [], iter(argv)
+    for a in it:
+        if a == "--force":
+            force.append(next(it, ""))
+        elif a.startswith("--force="):
+            force.append(a.split("=", 1)[1])
+        else:
+            rest.append(a)
+    return force, rest
+
+
+def final_outputs(cfg: Config, written: list[str]) -> list[tuple[str, str]]:
+    """(label, path) of the outputs of the stages in ``written`` (ran, or found complete, in this run):
+    with a restricted ``pipeline.stages`` nothing is listed that this run did not make."""
+    ev = paths.stage_dir(cfg, "evaluate")
+    table = [("preprocess", "shard set", OUTPUTS["preprocess"](cfg)), ("stage_a", "Stage A export", OUTPUTS["stage_a"](cfg)),
+             ("pair_store", "pair store", OUTPUTS["pair_store"](cfg)), ("stage_b", "generator", OUTPUTS["stage_b"](cfg)),
+             ("sample", "samples", OUTPUTS["sample"](cfg)), ("evaluate", "metrics table", os.path.join(ev, "results.csv")),
+             ("evaluate", "frontier plot", os.path.join(ev, "frontier.png"))]
+    return [(label, path) for stage, label, path in table if stage in written]
+
+
+def main(config_path: Optional[str], overrides: list[str], force: tuple = ()) -> int:
+    """Run the configured stages in order; returns the exit status (config errors raise, see ``cli``).
+    ``force``: stages to re-run, with everything downstream of them, although complete."""
     cfg = load_config(config_path, overrides)
     check_writable(cfg.run.dir, "run.dir")
+    stages = list(cfg.pipeline.stages)
+    for s in force:
+        if s not in stages:
+            raise ConfigError(f"--force {s!r}: not one of the stages this pipeline runs (pipeline.stages = {stages})")
+    lock = run_lock.pipeline_lock(cfg).acquire()  # a second pipeline on this run.dir: exit 2, naming us
+    forced: dict = {}
+    for s in force:
+        for d in provenance.dependents(cfg, s, stages):
+            forced.setdefault(d, s)
     rows: list[dict] = []
     child: dict = {}
 
-    def forward(signum, _frame):  # preemption: let the running stage checkpoint and exit
+    def forward(signum, _frame):  # the running stage gets the signal (preemption: it checkpoints) and we wait for it
+        if signum != signal.SIGUSR1:
+            child["stop"] = signum  # start no further stage
         p = child.get("proc")
         if p is not None and p.poll() is None:
             p.send_signal(signum)
+        elif signum != signal.SIGUSR1:
+            raise SystemExit(128 + signum)  # between stages: nothing to wait for
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, forward)
     status = 0
-    for stage in cfg.pipeline.stages:
+    try:
+        status = _run_stages(cfg, stages, forced, config_path, overrides, rows, child)
+    finally:
+        lock.release()
+    print_table(rows)
+    written = [r["stage"] for r in rows if r["status"] == "done" or r["status"].startswith("skipped")]
+    if written:
+        outs = final_outputs(cfg, written)
+        width = max((len(label) for label, _ in outs), default=0) + 2
+        for label, path in outs:
+            print(f"{label + ':':<{width}}{path}")
+    return status
+
+
+def _run_stages(cfg, stages, forced, config_path, overrides, rows, child) -> int:
+    for stage in stages:
+        if child.get("stop"):
+            rows.append(dict(stage=stage, status="not run (stopped)", wall_s=0.0, metrics="", output="-"))
+            continue
         out = OUTPUTS[stage](cfg)
         done = paths.read_completion(cfg, stage)
-        if done is not None:
+        if stage in forced:
+            reason = f"forced (--force {forced[stage]})"
+        else:
+            reason = provenance.stale_reason(cfg, stage, done)
+        if done is not None and reason is None:
             rows.append(dict(stage=stage, status="skipped (complete)", wall_s=0.0,
                              metrics=_key_metrics(done.get("summary", {})), output=out))
-            print(f"[pipeline] {stage}: already complete, skipping", flush=True)
+            note = "" if done.get("provenance") else " (its marker predates input fingerprints: not checked; --force re-runs it)"
+            print(f"[pipeline] {stage}: already complete, skipping{note}", flush=True)
             continue
+        if reason is not None:
+            print(f"[pipeline] {stage}: re-running, {reason}", flush=True)
+            try:
+                with run_lock.stage_lock(cfg, stage):  # nobody may be writing there while it moves
+                    moves = provenance.move_aside(cfg, stage)
+            except run_lock.RunLockError as e:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+                rows.append(dict(stage=stage, status="FAILED (in use)", wall_s=0.0, metrics="", output="-"))
+                return 2
+            for src, dst in moves:
+                print(f"[pipeline] {stage}: moved the previous {src} aside to {dst} (nothing deleted; remove it "
+                      f"when no longer needed)", flush=True)
         cmd = stage_command(stage, cfg, config_path, overrides)
         print(f"[pipeline] {stage}: {' '.join(cmd)}", flush=True)
         t0 = time.time()
-        child["proc"] = subprocess.Popen(cmd)
-        rc = child["proc"].wait()
+        child["proc"] = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+        rc = child["proc"].wait()  # a signal meanwhile is forwarded to it (above) and the wait goes on
         child["proc"] = None
+        rc = 128 - rc if rc < 0 else rc  # killed by signal N: the shell's 128 + N
         wall = time.time() - t0
         done = paths.read_completion(cfg, stage) if rc == 0 else None
         if rc != 0 or done is None:
-            rows.append(dict(stage=stage, status=f"FAILED (exit {rc})", wall_s=wall, metrics="", output=out))
-            status = rc or 1
-            break
+            rows.append(dict(stage=stage, status=f"FAILED (exit {rc})", wall_s=wall, metrics="", output="-"))
+            if child.get("stop"):
+                print(f"[pipeline] {stage}: stopped by signal {child['stop']} (exit {rc})", flush=True)
+            return rc or 1
         rows.append(dict(stage=stage, status="done", wall_s=wall, metrics=_key_metrics(done.get("summary", {})),
                          output=out))
-    print_table(rows)
-    if status == 0:
-        ev = paths.stage_dir(cfg, "evaluate")
-        print(f"samples:        {OUTPUTS['sample'](cfg)}")
-        print(f"metrics table:  {os.path.join(ev, 'results.csv')}")
-        print(f"frontier plot:  {os.path.join(ev, 'frontier.png')}")
-    return status
+    return 128 + child["stop"] if child.get("stop") else 0
+
