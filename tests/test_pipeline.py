@@ -24,11 +24,19 @@ def _mark(run_dir, stage, summary):
 def test_pipeline_skips_complete_stages_and_prints_table(tmp_path):
     for i, stage in enumerate(PIPELINE_STAGES):
         _mark(tmp_path, stage, {"metric": float(i) + 0.5})
+    (tmp_path / "sample" / "samples.jsonl").write_text(
+        "".join(json.dumps({"index": i, "text": f"sample number {i}"}) + "\n" for i in range(8)))
+    (tmp_path / "eval" / "results.json").write_text(json.dumps({"rows": [
+        {"name": "K1_s0.6_p0.95_t0.5", "kind": "sweep", "gen_ppl": 2911.43, "entropy": 2.685},
+        {"name": "factorized", "kind": "factorized", "gen_ppl": 46721.3, "entropy": 2.702}]}))
     proc = run_module("coupling_dist.pipeline", "--config", DEMO, f"run.dir={tmp_path}")
     for stage in PIPELINE_STAGES:
         assert f"{stage}: already complete, skipping" in proc.stdout
     assert "skipped (complete)" in proc.stdout and "metric=5.5" in proc.stdout
     assert "frontier plot:" in proc.stdout
+    # the closing summary shows what was generated: the first samples and the evaluation's rows
+    assert "'sample number 4'" in proc.stdout and "sample number 5" not in proc.stdout
+    assert "factorized" in proc.stdout and "46721.3" in proc.stdout and "2911.4" in proc.stdout
 
 
 def test_restricted_stages_list_only_their_outputs(tmp_path):

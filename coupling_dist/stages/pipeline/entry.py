@@ -26,6 +26,7 @@ At the end a summary table lists status, wall time, key metrics and outputs.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -170,7 +171,31 @@ def main(config_path: Optional[str], overrides: list[str], force: tuple = ()) ->
         width = max((len(label) for label, _ in outs), default=0) + 2
         for label, path in outs:
             print(f"{label + ':':<{width}}{path}")
+        print_results(cfg, written)
     return status
+
+
+def print_results(cfg: Config, written: list[str], n_samples: int = 5) -> None:
+    """What the run generated, at a glance: a few samples and the evaluation's rows."""
+    samples = OUTPUTS["sample"](cfg)
+    if "sample" in written and os.path.isfile(samples):
+        with open(samples, encoding="utf-8") as fh:
+            texts = [json.loads(line).get("text", "") for line, _ in zip(fh, range(n_samples))]
+        print(f"\nfirst {len(texts)} samples ({samples}):")
+        for t in texts:
+            print(f"  {t[:160]!r}")
+    results = os.path.join(paths.stage_dir(cfg, "evaluate"), "results.json")
+    if "evaluate" in written and os.path.isfile(results):
+        with open(results, encoding="utf-8") as fh:
+            rows = json.load(fh).get("rows", [])
+        print(f"\nevaluation ({results}; scorer {cfg.evaluate.scorer}):")
+        print(f"  {'series':<32} {'kind':<10} {'Gen-PPL':>10} {'entropy':>8}")
+        for r in rows:
+            ppl = r.get("gen_ppl")
+            ppl = f"{ppl:10.1f}" if isinstance(ppl, (int, float)) else f"{'-':>10}"
+            ent = r.get("entropy")
+            ent = f"{ent:8.3f}" if isinstance(ent, (int, float)) else f"{'-':>8}"
+            print(f"  {str(r.get('name'))[:32]:<32} {str(r.get('kind')):<10} {ppl} {ent}")
 
 
 def _run_stages(cfg, stages, forced, config_path, overrides, rows, child) -> int:
