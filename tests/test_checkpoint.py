@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from coupling_dist.components.atomic import write_text as write_text_atomic
-from coupling_dist.components.checkpoint import (MARKER, CheckpointManager, complete_checkpoints, find_resume,
-                                                 rng_state, set_rng_state, step_name)
+from coupling_dist.components.checkpoint import (MARKER, CheckpointError, CheckpointManager, complete_checkpoints,
+                                                 find_resume, rng_state, set_rng_state, step_name)
 from coupling_dist.components.ema import EMA
 
 
@@ -44,7 +44,7 @@ def test_resume_never_picks_interrupted_writes(tmp_path):
     os.remove(os.path.join(root, "latest"))
     assert find_resume(root, "auto") == newer
     assert find_resume(root, "none") is None
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="not a complete checkpoint.*train.resume=none"):
         find_resume(root, os.path.join(root, "step_00000200"))
     assert find_resume(root, good) == good
     # a marker whose step disagrees with the directory name is not trusted
