@@ -107,6 +107,13 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from coupling_dist.components.dist import exit_on_peer_failure
+    from coupling_dist.components.dist import exit_on_peer_failure, mark_failed
+    from coupling_dist.components.preflight import InputError
 
-    raise SystemExit(exit_on_peer_failure(main))
+    try:
+        code = exit_on_peer_failure(main)
+    except InputError as e:  # what cli.run_entry does: one line, status 2
+        mark_failed()
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    raise SystemExit(code)
