@@ -213,3 +213,18 @@ def test_full_disk_during_a_checkpoint(tmp_path):
     proc = _worker(tmp_path, "--steps", 8)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from {ck / 'step_00000004'} at step 4" in (tmp_path / "log.rank0.txt").read_text()
+
+
+def test_full_disk_on_one_rank_stops_every_rank_with_the_same_message(tmp_path):
+    from conftest import torchrun
+
+    spec = faults.spec("checkpoint.write", step=8, rank=1, error="enospc")
+    proc = torchrun(2, [WORKER, "--dir", str(tmp_path), "--ckpt", "4", "--steps", "12"], env={faults.ENV: spec},
+                    timeout=300, check=False)
+    ck = tmp_path / "checkpoints"
+    assert proc.returncode != 0
+    errs = [line for line in proc.stderr.splitlines() if "error: no space left on device" in line]
+    want = f"no space left on device writing checkpoint {ck / 'step_00000008.tmp' / 'trainer_state_rank1.pt'} (rank 1)"
+    # every rank that reports (torchrun stops the rest once one has exited) names rank 1's failure
+    assert errs and all(want in e for e in errs), proc.stderr[-4000:]
+    assert not (ck / "step_00000008.tmp").exists() and (ck / "latest").read_text().strip() == "step_00000004"
