@@ -204,12 +204,18 @@ def main(cfg) -> dict:
     setup_logging(out_dir, 0)
     e = cfg.evaluate
     paths = sample_paths(cfg)
+    sample_files = [read_sample_file(p, e.max_text_chars) for p in paths]  # before anything is loaded
     scorer_tok = load_tokenizer(e.scorer)
     data_tok = load_tokenizer(cfg.data.tokenizer)
     rows, files, notes = [], [], []
-    sample_files = [read_sample_file(p, e.max_text_chars) for p in paths]  # before any scorer starts
     ref, ref_name = reference_set(cfg, data_tok)
     ref_lengths = lengths(ref.records) if ref is not None else None
+    sweeps = [k for k in ["generator"] + (["stage_a"] if e.stage_a_series else [])
+              if os.path.isfile(os.path.join(run_paths.sampling_export(cfg, k), "config.json"))] if e.sweep else []
+    if not paths and not sweeps and not (ref is not None and ref.records):
+        raise InputError(f"evaluate has nothing to score: no samples file ({run_paths.samples_file(cfg)} is absent and "
+                         f"evaluate.samples is unset), no export to sweep (evaluate.sweep) and no reference text; "
+                         f"run sample first or set evaluate.samples")
     with ScorerPool(e.scorer, e.num_actors, cfg.ray.address, cfg.ray.num_cpus_per_worker, cfg.ray.max_retries) as pool:
         for p, sf in zip(paths, sample_files):
             fill_gen_ids(sf, data_tok, cfg.data.seq_len)
@@ -234,10 +240,9 @@ def main(cfg) -> dict:
         actors = pool.num_actors
     for n in notes:
         log.warning(n)
-    if not rows:
-        raise InputError(f"evaluate scored nothing: no sample file ({run_paths.samples_file(cfg)} is absent and "
-                         f"evaluate.samples is unset), no sweep ({'; '.join(notes) or 'evaluate.sweep is off'}) and no "
-                         f"reference; run sample first or set evaluate.samples")
+    if not rows:  # a safety net: the checks above refuse every known way to get here
+        raise InputError(f"evaluate scored nothing ({'; '.join(notes) or 'no samples, sweep or reference'}); nothing "
+                         f"written. Run sample first or set evaluate.samples")
     extra = {"scorer": e.scorer, "num_actors": actors, "sample_files": files, "notes": notes,
              "config": {"evaluate": cfg.to_dict()["evaluate"], "sample": cfg.to_dict()["sample"]}}
     paths_out = report.write_all(out_dir, rows, e.protocol, extra)
