@@ -228,3 +228,22 @@ def test_full_disk_on_one_rank_stops_every_rank_with_the_same_message(tmp_path):
     # every rank that reports (torchrun stops the rest once one has exited) names rank 1's failure
     assert errs and all(want in e for e in errs), proc.stderr[-4000:]
     assert not (ck / "step_00000008.tmp").exists() and (ck / "latest").read_text().strip() == "step_00000004"
+
+
+def test_full_disk_inside_deepspeeds_own_save_on_one_rank(tmp_path):
+    """ENOSPC in DeepSpeed's optimizer-shard write on rank 1 only: rank 0 finishes DeepSpeed's save
+    (which ends in a barrier); both ranks still end promptly with the message, well before the
+    collective timeout."""
+    import time
+
+    from conftest import torchrun
+
+    t0 = time.time()
+    proc = torchrun(2, [WORKER, "--dir", str(tmp_path), "--ckpt", "4", "--steps", "12", "--ds-enospc", "8:1"],
+                    env={"COUPLING_DIST_TIMEOUT_S": "180"}, timeout=400, check=False)
+    ck = tmp_path / "checkpoints"
+    assert proc.returncode != 0 and time.time() - t0 < 170, proc.stderr[-4000:]  # no wait for the timeout
+    errs = [line for line in proc.stderr.splitlines() if "error: no space left on device" in line]
+    assert errs and all(f"writing checkpoint {ck / 'step_00000008.tmp'}" in e and "(rank 1)" in e for e in errs), \
+        proc.stderr[-4000:]
+    assert not (ck / "step_00000008.tmp").exists() and (ck / "latest").read_text().strip() == "step_00000004"

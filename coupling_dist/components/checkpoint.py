@@ -282,8 +282,10 @@ class CheckpointManager:
         D.barrier()
         err = None
         r = D.rank()
+        in_deepspeed = True
         try:
             engine.save_checkpoint(self.root, tag=name + ".tmp", save_latest=False)
+            in_deepspeed = False
             faults.point("checkpoint.write", step=step, rank=r, path=os.path.join(tmp, f"trainer_state_rank{r}.pt"))
             write_path(os.path.join(tmp, f"trainer_state_rank{r}.pt"), lambda p: torch.save(state, p))
             summary = {k: v for k, v in state.items() if k in ("step", "data_step", "layout", "time")}
@@ -302,6 +304,13 @@ class CheckpointManager:
                 LOG.exception(err)
             else:
                 LOG.error(err)
+            if in_deepspeed:
+                # The other ranks finish DeepSpeed's save, which ends in a barrier: meet them there
+                # (its writes are its last steps before it), or every rank waits for the timeout.
+                try:
+                    D.barrier()
+                except Exception:  # noqa: BLE001 -- the exchange below reports what matters
+                    pass
         errors = [x for x in D.all_gather_object(err) if x]
         if errors:
             self._abandon(tmp, errors)
