@@ -345,8 +345,9 @@ class CheckpointManager:
         keep = f"{LATEST} still names {prev}" if prev else "no earlier checkpoint"
         first = errors[0]
         if first.startswith("no space left on device"):
+            keep_key = self.resume_key.rsplit(".", 1)[0] + ".keep_last"
             raise CheckpointError(f"{first}; removed {tmp}; {keep}. Free space on {self.root} (or lower "
-                                  f"train.keep_last) and relaunch the same command to resume")
+                                  f"{keep_key}) and relaunch the same command to resume")
         raise RuntimeError(f"{first}; removed {tmp}; {keep}" + (f" ({len(errors) - 1} more rank(s) failed)"
                                                                   if len(errors) > 1 else ""))
 
@@ -426,8 +427,8 @@ class CheckpointManager:
             good = [p for _, p in reversed(complete_checkpoints(self.root)) if p != path]
             alt = f"{key}=auto (tries the newest intact one) or {key}=none (start fresh)" if good else f"{key}=none (start fresh)"
             raise CheckpointError(f"{key}={resume}: checkpoint {path} is broken: {why}; use {alt}")
-        raise CheckpointError(f"checkpoint {path} is broken: {why}; no earlier checkpoint under {self.root} is "
-                              f"complete. Start fresh with {key}=none (the broken checkpoint(s) are left in place)")
+        raise CheckpointError(f"checkpoint {path} is broken: {why}; no other checkpoint under {self.root} is "
+                              f"intact. Start fresh with {key}=none (the broken checkpoint(s) are left in place)")
 
     def universal_dir(self, plan: dict) -> str:
         return os.path.join(self.root, UNIVERSAL, os.path.basename(plan["path"]))
