@@ -6,8 +6,8 @@ and returns a short summary. Config errors and errors in the user's inputs (``Co
 ``components.preflight.InputError``, which includes ``PreflightError``: a bad corpus line, shard,
 checkpoint, export or samples file, whenever it is found) become one ``error: ...`` line naming the
 file and the fix, and exit status 2; ``--debug`` (or ``COUPLING_DIST_DEBUG=1``, which ``--debug``
-sets for child processes and Ray actors too) adds the traceback. The pipeline's shim calls ``run_driver`` (it launches the
-stages as child processes and returns their status).
+sets for child processes and Ray actors too) adds the traceback. The pipeline's shim calls
+``run_driver`` (it launches the stages as child processes and returns their status).
 """
 from __future__ import annotations
 

@@ -206,7 +206,8 @@ def _rank_with_bad_input(cfg):
     return {}
 
 
-def test_ray_rank_input_error_is_one_line_and_status_2(tmp_path, ray_head, monkeypatch, capsys):
+@pytest.mark.parametrize("debug", [False, True])
+def test_ray_rank_input_error_is_one_line_and_status_2(tmp_path, ray_head, monkeypatch, capsys, debug):
     """Under Ray (``ray job submit`` / ``ray_workers``) a rank's input error ends the job with the
     same single line and status 2; the peer blocked in a collective is stopped after the grace
     period instead of waiting for the collective timeout."""
@@ -216,9 +217,13 @@ def test_ray_rank_input_error_is_one_line_and_status_2(tmp_path, ray_head, monke
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors cannot import tests/
     monkeypatch.setenv("COUPLING_DIST_RAY_GRACE_S", "3")
+    if debug:
+        monkeypatch.setenv(DEBUG_ENV, "1")  # forwarded to the actors: the rank's traceback comes back
     cfg = demo_cfg(tmp_path, f"ray.address={ray_head['address']}")
     with pytest.raises(SystemExit) as exc:
         launch_ranks(cfg, _rank_with_bad_input, 2, "stage_x")
     assert exc.value.code == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if line.startswith("error")]
     assert err == ["error: shard shard-train-00003.tar, sample key 000000042: truncated tar; re-run preprocess"], err
+    assert ("Traceback (most recent call last)" in stderr and "_rank_with_bad_input" in stderr) == debug, stderr

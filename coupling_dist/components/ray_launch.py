@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from typing import Callable, Optional
 
 from . import dist as D
@@ -95,6 +96,7 @@ class _RankActor:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR=addr, MASTER_PORT=str(port), COUPLING_DIST_LAUNCHER="ray")
         torch.set_num_threads(max(1, threads))
+        tb = None
         try:
             out = {"rank": rank, "status": 0, "summary": fn(cfg)}
         except SystemExit as e:  # preemption (checkpointed: 143/138) or a stage's own exit status
@@ -103,12 +105,12 @@ class _RankActor:
             out = {"rank": rank, "status": code, "summary": None, "error": None if ok else str(e)}
         except InputError as e:  # the user's inputs (PreflightError included): one line, status 2
             out = {"rank": rank, "status": 2, "summary": None, "error": str(e), "input_error": True}
+            tb = traceback.format_exc()
         except Exception as e:  # noqa: BLE001 -- reported with the rank, the job exits non-zero
             out = {"rank": rank, "status": 1, "summary": None, "error": f"{type(e).__name__}: {e}"}
-        if out["status"] not in (0, *D.PREEMPT_EXIT_CODES) and debug_enabled():
-            import traceback
-
-            out["traceback"] = traceback.format_exc()
+            tb = traceback.format_exc()
+        if tb and debug_enabled():  # --debug / COUPLING_DIST_DEBUG=1 (forwarded to the actors)
+            out["traceback"] = tb
         # The actor process outlives this call (the driver kills it, so no atexit handler runs):
         # leave the group here, by the same rule as dist's exit handler (after an error a peer may
         # still be inside a collective; the group then goes with the process).
