@@ -114,7 +114,7 @@ def _worker(out_dir, *args, env=None) -> subprocess.CompletedProcess:
     full.pop(faults.ENV, None)
     full.update(env or {})
     return subprocess.run([PY, WORKER, "--dir", str(out_dir), "--ckpt", "4", *map(str, args)], cwd=ROOT, env=full,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +220,7 @@ def test_full_disk_on_one_rank_stops_every_rank_with_the_same_message(tmp_path):
 
     spec = faults.spec("checkpoint.write", step=8, rank=1, error="enospc")
     proc = torchrun(2, [WORKER, "--dir", str(tmp_path), "--ckpt", "4", "--steps", "12"], env={faults.ENV: spec},
-                    timeout=300, check=False)
+                    timeout=600, check=False)
     ck = tmp_path / "checkpoints"
     assert proc.returncode != 0
     errs = [line for line in proc.stderr.splitlines() if "error: no space left on device" in line]
@@ -232,17 +232,15 @@ def test_full_disk_on_one_rank_stops_every_rank_with_the_same_message(tmp_path):
 
 def test_full_disk_inside_deepspeeds_own_save_on_one_rank(tmp_path):
     """ENOSPC in DeepSpeed's optimizer-shard write on rank 1 only: rank 0 finishes DeepSpeed's save
-    (which ends in a barrier); both ranks still end promptly with the message, well before the
-    collective timeout."""
-    import time
-
+    (which ends in a barrier); both ranks still end promptly with the message. Without the meeting
+    at that barrier both ranks would wait for the collective timeout (set far beyond this test's
+    limit: the run would time out here)."""
     from conftest import torchrun
 
-    t0 = time.time()
     proc = torchrun(2, [WORKER, "--dir", str(tmp_path), "--ckpt", "4", "--steps", "12", "--ds-enospc", "8:1"],
-                    env={"COUPLING_DIST_TIMEOUT_S": "180"}, timeout=400, check=False)
+                    env={"COUPLING_DIST_TIMEOUT_S": "3600"}, timeout=600, check=False)
     ck = tmp_path / "checkpoints"
-    assert proc.returncode != 0 and time.time() - t0 < 170, proc.stderr[-4000:]  # no wait for the timeout
+    assert proc.returncode != 0, proc.stderr[-4000:]
     errs = [line for line in proc.stderr.splitlines() if "error: no space left on device" in line]
     assert errs and all(f"writing checkpoint {ck / 'step_00000008.tmp'}" in e and "(rank 1)" in e for e in errs), \
         proc.stderr[-4000:]

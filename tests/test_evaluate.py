@@ -231,7 +231,7 @@ def test_evaluation_that_scores_nothing_fails_and_marks_nothing_complete(tmp_pat
     out.mkdir()
     (out / "_COMPLETE.json").write_text("{}")  # an earlier evaluation's marker
     proc = run_module("coupling_dist.evaluate", "--config", DEMO, f"run.dir={tmp_path}", f"evaluate.samples={samples}",
-                      "run.progress=false", check=False, timeout=300)
+                      "run.progress=false", check=False, timeout=900)
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     if content == "empty":

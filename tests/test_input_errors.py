@@ -35,9 +35,9 @@ def _fails_cleanly(proc, *must: str, debug: bool = False) -> str:
 def test_config_file_that_is_not_utf8(tmp_path):
     bad = tmp_path / "run.yaml"
     bad.write_bytes(b"run:\n  dir: runs/caf\xe9\n")
-    proc = run_module("coupling_dist.stage_a", "--config", str(bad), check=False, timeout=120)
+    proc = run_module("coupling_dist.stage_a", "--config", str(bad), check=False, timeout=900)
     _fails_cleanly(proc, str(bad), "line 2", "not UTF-8", "save the config as UTF-8")
-    proc = run_module("coupling_dist.stage_a", "--debug", "--config", str(bad), check=False, timeout=120)
+    proc = run_module("coupling_dist.stage_a", "--debug", "--config", str(bad), check=False, timeout=900)
     _fails_cleanly(proc, str(bad), "line 2", debug=True)
 
 
@@ -70,10 +70,10 @@ def _corpus(tmp_path, kind: str) -> tuple[str, list[str]]:
 def test_corpus_errors(tmp_path, kind):
     path, must = _corpus(tmp_path, kind)
     args = ["--config", DEMO, f"run.dir={tmp_path / 'run'}", f"data.corpus={path}", "encoder.model=null", *QUIET]
-    proc = run_module("coupling_dist.preprocess", *args, check=False, timeout=300)
+    proc = run_module("coupling_dist.preprocess", *args, check=False, timeout=900)
     _fails_cleanly(proc, *must)
     if kind == "invalid_utf8":  # the traceback on request, through the environment variable as well
-        proc = run_module("coupling_dist.preprocess", *args, env={DEBUG_ENV: "1"}, check=False, timeout=300)
+        proc = run_module("coupling_dist.preprocess", *args, env={DEBUG_ENV: "1"}, check=False, timeout=900)
         _fails_cleanly(proc, *must, debug=True)
         assert "CorpusError" in proc.stderr
 
@@ -109,7 +109,7 @@ def test_shard_errors(tmp_path, store, fault):
     else:
         os.remove(shard)
         must = ["shard shard-train-00001.tar", f"missing from disk ({shard})", "loader.skip_bad=true"]
-    proc = run_module("coupling_dist.stage_b", *STAGE_B, f"run.dir={tmp_path}", check=False, timeout=600)
+    proc = run_module("coupling_dist.stage_b", *STAGE_B, f"run.dir={tmp_path}", check=False, timeout=900)
     _fails_cleanly(proc, *must)
 
 
@@ -122,7 +122,7 @@ def test_shard_with_the_wrong_sample_count(tmp_path, store):
         if s["name"] == "shard-train-00000.tar":
             s["count"] = 9
     json.dump(man, open(man_path, "w"))
-    proc = run_module("coupling_dist.stage_b", *STAGE_B, f"run.dir={tmp_path}", check=False, timeout=600)
+    proc = run_module("coupling_dist.stage_b", *STAGE_B, f"run.dir={tmp_path}", check=False, timeout=900)
     _fails_cleanly(proc, "shard shard-train-00000.tar", "manifest lists 9 samples but the file holds 8", man_path)
 
 
@@ -130,7 +130,7 @@ def test_resume_pointing_nowhere(tmp_path, store):
     _run_with_store(tmp_path, store)
     nowhere = tmp_path / "no_such_checkpoint"
     proc = run_module("coupling_dist.stage_b", *STAGE_B, f"run.dir={tmp_path}", f"stage_b.train.resume={nowhere}",
-                      check=False, timeout=600)
+                      check=False, timeout=900)
     _fails_cleanly(proc, f"stage_b.train.resume: '{nowhere}' is not a complete checkpoint", "does not exist",
                    "stage_b.train.resume=none")
     assert not os.path.exists(tmp_path / "stage_b" / "_COMPLETE.json")
@@ -171,24 +171,24 @@ def test_check_export_names_the_file(tmp_path):
 
 
 def test_missing_generator_export(tmp_path):
-    proc = run_module("coupling_dist.sample", "--config", DEMO, f"run.dir={tmp_path}", *QUIET, check=False, timeout=300)
+    proc = run_module("coupling_dist.sample", "--config", DEMO, f"run.dir={tmp_path}", *QUIET, check=False, timeout=900)
     _fails_cleanly(proc, f"generator export not found: {tmp_path / 'stage_b' / 'export'} does not exist",
                    "run `python -m coupling_dist.stage_b`")
 
 
 def test_truncated_generator_export(tmp_path):
     w = _tiny_export(tmp_path / "stage_b" / "export", truncate=True)
-    proc = run_module("coupling_dist.sample", "--config", DEMO, f"run.dir={tmp_path}", *QUIET, check=False, timeout=300)
+    proc = run_module("coupling_dist.sample", "--config", DEMO, f"run.dir={tmp_path}", *QUIET, check=False, timeout=900)
     _fails_cleanly(proc, f"generator export damaged: {w} is", "truncated", "run `python -m coupling_dist.stage_b`")
     proc = run_module("coupling_dist.sample", "--debug", "--config", DEMO, f"run.dir={tmp_path}", *QUIET, check=False,
-                      timeout=300)
+                      timeout=900)
     _fails_cleanly(proc, f"generator export damaged: {w} is", debug=True)
 
 
 def test_truncated_stage_a_export(tmp_path):
     w = _tiny_export(tmp_path / "stage_a" / "export", truncate=True)
     proc = run_module("coupling_dist.pair_store", "--config", DEMO, f"run.dir={tmp_path}", *QUIET, check=False,
-                      timeout=300)
+                      timeout=900)
     _fails_cleanly(proc, f"Stage A export damaged: {w} is", "run `python -m coupling_dist.stage_a`")
 
 
