@@ -216,7 +216,7 @@ def test_ray_rank_input_error_is_one_line_and_status_2(tmp_path, ray_head, monke
     from coupling_dist.components.ray_launch import launch_ranks
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors cannot import tests/
-    monkeypatch.setenv("COUPLING_DIST_RAY_GRACE_S", "3")
+    monkeypatch.setenv("COUPLING_DIST_RAY_GRACE_S", "600")  # rank 0 must end because rank 1 ended
     if debug:
         monkeypatch.setenv(DEBUG_ENV, "1")  # forwarded to the actors: the rank's traceback comes back
     cfg = demo_cfg(tmp_path, f"ray.address={ray_head['address']}")

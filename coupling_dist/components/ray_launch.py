@@ -140,11 +140,13 @@ def report_rank_errors(bad: list[dict], stage: str) -> None:
                   file=sys.stderr, flush=True)
 
 
-def _collect(refs: list) -> list[dict]:
-    """Every rank's result, in rank order. Once a rank has failed, the others get
-    ``COUPLING_DIST_RAY_GRACE_S`` (default 10 s) to finish -- they may be waiting in a collective
-    for it, which only the collective timeout would end (a failed actor keeps its process, so
-    its peers see no closed connection) -- and are then reported as stopped (and killed)."""
+def _collect(refs: list, actors: list) -> list[dict]:
+    """Every rank's result, in rank order. A rank that returned a failure (an input error, an
+    exception) still holds its process and its end of the process group, so peers waiting for it
+    in a collective would wait for the collective timeout: its actor is killed at once, which they
+    notice as a lost peer. Should they still not finish, they are stopped (killed, reported as
+    stopped) ``COUPLING_DIST_RAY_GRACE_S`` (default 60 s) later. A rank whose process died needs
+    neither: its peers notice by themselves."""
     import ray
 
     pending = {ref: r for r, ref in enumerate(refs)}
@@ -161,10 +163,13 @@ def _collect(refs: list) -> list[dict]:
         try:
             res = ray.get(ready[0])
         except ray.exceptions.RayActorError as e:  # the worker process or its node died
-            res = {"rank": r, "status": 1, "summary": None, "error": f"Ray worker died: {e}"}
+            out[r] = {"rank": r, "status": 1, "summary": None, "error": f"Ray worker died: {e}"}
+            continue
         out[r] = res
-        if deadline is None and res["status"] != 0 and res["status"] not in D.PREEMPT_EXIT_CODES:
-            deadline = time.monotonic() + float(os.environ.get("COUPLING_DIST_RAY_GRACE_S", "10"))
+        if res["status"] != 0 and res["status"] not in D.PREEMPT_EXIT_CODES and pending:
+            ray.kill(actors[r])  # its peers see the closed connection instead of waiting
+            if deadline is None:
+                deadline = time.monotonic() + float(os.environ.get("COUPLING_DIST_RAY_GRACE_S", "60"))
     return [out[r] for r in range(len(refs))]
 
 
@@ -199,7 +204,7 @@ def launch_ranks(cfg, fn: Callable, world: int, stage: str) -> list[dict]:
         addr, port = ray.get(actors[0].address.remote())
         LOG.info("%s: %d Ray workers (%s each), master %s:%d", stage, world, bundle, addr, port)
         refs = [a.run.remote(fn, cfg, r, world, addr, port, threads) for r, a in enumerate(actors)]
-        results = _collect(refs)
+        results = _collect(refs, actors)
     finally:
         for a in actors:
             ray.kill(a)
