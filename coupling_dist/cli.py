@@ -2,10 +2,12 @@
 
 An entry is ``python -m coupling_dist.<stage> --config FILE [dotted.key=value ...]``; its shim calls
 ``run_entry("stage", main)`` where ``main(cfg) -> dict`` (``stages/<stage>/entry.py``) does the work
-and returns a short summary. Config errors and pre-flight failures (``ConfigError``,
-``components.preflight.PreflightError``, raised by every stage before any work) become one
-``error: ...`` line and exit status 2. The pipeline's shim calls ``run_driver`` (it launches the
-stages as child processes and returns their status).
+and returns a short summary. Config errors and errors in the user's inputs (``ConfigError``;
+``components.preflight.InputError``, which includes ``PreflightError``: a bad corpus line, shard,
+checkpoint, export or samples file, whenever it is found) become one ``error: ...`` line naming the
+file and the fix, and exit status 2; ``--debug`` (or ``COUPLING_DIST_DEBUG=1``, which ``--debug``
+sets for child processes and Ray actors too) adds the traceback. The pipeline's shim calls
+``run_driver`` (it launches the stages as child processes and returns their status).
 """
 from __future__ import annotations
 
@@ -13,20 +15,35 @@ import argparse
 import os
 import sys
 import time
+import traceback
 from typing import Callable, Optional
 
 from .components import paths, provenance, run_lock
 from .components.atomic import write_json
-from .components.preflight import PreflightError, check_writable
+from .components.preflight import DEBUG_ENV, InputError, check_writable, debug_enabled
 from .config import Config, ConfigError, load_config
+
+USER_ERRORS = (ConfigError, InputError)  # exit status 2, one line (PreflightError is an InputError)
+
+
+def report_error(e: BaseException) -> int:
+    """One ``error: ...`` line on stderr (after the traceback with ``--debug``); returns 2."""
+    if debug_enabled():
+        traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
 
 
 def parse_args(stage: str, argv: Optional[list[str]] = None) -> tuple[Optional[str], list[str]]:
     p = argparse.ArgumentParser(prog=f"python -m coupling_dist.{stage}",
                                 description=f"coupling_dist {stage}: see README.md")
     p.add_argument("--config", default=None, help="YAML run config (default: configs/demo.yaml)")
+    p.add_argument("--debug", action="store_true",
+                   help=f"print the traceback of an error exit (also: {DEBUG_ENV}=1)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. run.dir=runs/x")
     a = p.parse_args(argv)
+    if a.debug:  # the environment carries it to child stages, torchrun ranks and Ray actors
+        os.environ[DEBUG_ENV] = "1"
     path = a.config
     if path is None:
         here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
@@ -61,11 +78,10 @@ def run_entry(stage: str, fn: Callable[[Config], Optional[dict]], argv: Optional
         cfg = load(stage, argv)
         lock = run_lock.stage_lock(cfg, stage, _rank()).acquire()
         started = provenance.begin(cfg, stage) if _is_rank0() else None
-    except (ConfigError, PreflightError) as e:
+    except USER_ERRORS as e:
         if lock is not None:
             lock.release()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     marker = paths.completion_marker(cfg, stage)
     if _is_rank0() and os.path.exists(marker):
         os.remove(marker)
@@ -74,10 +90,9 @@ def run_entry(stage: str, fn: Callable[[Config], Optional[dict]], argv: Optional
     t0 = time.time()
     try:
         summary = D.exit_on_peer_failure(fn, cfg)
-    except (ConfigError, PreflightError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
         D.mark_failed()  # the process group (if any) is left alone at exit: see components.dist
-        return 2
+        return report_error(e)
     except SystemExit as e:  # a preemption exit (every rank checkpointed) is a clean exit
         if e.code not in (0, None) and e.code not in D.PREEMPT_EXIT_CODES:
             D.mark_failed()
@@ -96,6 +111,5 @@ def run_driver(name: str, fn: Callable[[Optional[str], list[str]], int], argv: O
     path, overrides = parse_args(name, argv)
     try:
         return fn(path, overrides)
-    except (ConfigError, PreflightError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return report_error(e)

@@ -162,6 +162,9 @@ def test_evaluate_entry_end_to_end(tmp_path, ray_head, monkeypatch):
     export = tmp_path / "stage_b" / "export"
     export.mkdir(parents=True)
     (export / "config.json").write_text("{}")
+    from safetensors.torch import save_file  # a complete weights file: evaluate checks it before loading
+
+    save_file({"w": torch.zeros(2)}, str(export / "model.safetensors"))
     toy = OneStepToy(V, T, d, eos_id=eos, sharpness=3.0)
     monkeypatch.setattr(sample_mod, "load_export",
                         lambda path, device="cpu", kind="generator": (toy, onestep_meta(V, T, d, eos,
@@ -254,3 +257,26 @@ def test_factorized_baseline_keeps_marginals_and_breaks_dependencies(tmp_path):
     assert set(first.tolist()) == {1, 2} and abs((first == 1).mean() - data_ones) < 0.04
     mismatch = np.mean([x[1] != x[0] + 10 for x in ids])
     assert 0.4 < mismatch < 0.6  # the data never mismatches
+
+
+@pytest.mark.parametrize("content", ["empty", "all_bad"])
+def test_evaluation_that_scores_nothing_fails_and_marks_nothing_complete(tmp_path, content):
+    """An empty or all-bad samples file: exit 2 with one line naming the file, before any scorer
+    starts; no _COMPLETE.json (a stale one from an earlier run is removed), no CSV, no plot."""
+    from conftest import DEMO, run_module
+
+    samples = tmp_path / "samples.jsonl"
+    samples.write_bytes(b"" if content == "empty" else b'{"txt": "no text field"}\n\n{broken\n')
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "_COMPLETE.json").write_text("{}")  # an earlier evaluation's marker
+    proc = run_module("coupling_dist.evaluate", "--config", DEMO, f"run.dir={tmp_path}", f"evaluate.samples={samples}",
+                      "run.progress=false", check=False, timeout=900)
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    if content == "empty":
+        assert err[0].startswith(f"error: {samples} is empty; nothing was scored")
+    else:
+        assert err[0].startswith(f"error: {samples} has no valid sample: all 3 line(s) are bad (line 1: missing field 'text')")
+    assert not (out / "_COMPLETE.json").exists()
+    assert not any(f.endswith((".csv", ".png", "results.json")) for f in os.listdir(out))

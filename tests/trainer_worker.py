@@ -88,6 +88,8 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--resume", default="auto")
     p.add_argument("--no-random", action="store_true", help="no dropout/noise (compare across world sizes)")
+    p.add_argument("--ds-enospc", default=None, help="STEP:RANK: DeepSpeed's own file write fails with ENOSPC "
+                                                      "on that rank when saving that step's checkpoint")
     a = p.parse_args()
     info = D.init_distributed()
     setup_logging(a.dir, info["rank"])
@@ -98,6 +100,19 @@ def main() -> int:
     train = ToyLoader(cfg.batch_size, 0, D.rank(), D.world_size())
     held = ToyLoader(cfg.batch_size, 1, D.rank(), D.world_size())
     trainer = Trainer(cfg, ToyTask(a.kill_at, a.sleep, not a.no_random), train, a.dir, heldout_loader=held, run=run, stage="toy")
+    if a.ds_enospc:
+        step, rank = (int(x) for x in a.ds_enospc.split(":"))
+        ce = trainer.engine.checkpoint_engine
+        real = ce.save
+
+        def save(state_dict, path, *args, **kw):
+            if D.rank() == rank and f"step_{step:08d}.tmp" in str(path) and "optim" in os.path.basename(str(path)):
+                import errno
+
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            return real(state_dict, path, *args, **kw)
+
+        ce.save = save
     result = trainer.fit()
     weights, ema = trainer.full_state_dict(), trainer.ema_state_dict()
     if D.is_main():
@@ -107,6 +122,13 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from coupling_dist.components.dist import exit_on_peer_failure
+    from coupling_dist.components.dist import exit_on_peer_failure, mark_failed
+    from coupling_dist.components.preflight import InputError
 
-    raise SystemExit(exit_on_peer_failure(main))
+    try:
+        code = exit_on_peer_failure(main)
+    except InputError as e:  # what cli.run_entry does: one line, status 2
+        mark_failed()
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    raise SystemExit(code)

@@ -210,6 +210,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` without a group of > 1)."""
+    if world_size() == 1:
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_ok(ok: bool) -> bool:
     """True only if every rank says ok (used before marking anything complete)."""
     if world_size() == 1:

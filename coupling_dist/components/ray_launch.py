@@ -24,18 +24,19 @@ import math
 import os
 import sys
 import time
+import traceback
 from typing import Callable, Optional
 
 from . import dist as D
 from .faults import ENV as FAULT_ENV
 from .logging import get_logger
-from .preflight import PreflightError
+from .preflight import DEBUG_ENV, InputError, debug_enabled
 
 LOG = get_logger("ray")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Environment that actors need to behave like the driver (offline hub, caches, test fault injection).
 FORWARDED_ENV = ("COUPLING_DIST_CACHE", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "WANDB_MODE", "TOKENIZERS_PARALLELISM",
-                 "COUPLING_DIST_TIMEOUT_S", "COUPLING_DIST_MIN_FREE_MB", FAULT_ENV)
+                 "COUPLING_DIST_TIMEOUT_S", "COUPLING_DIST_MIN_FREE_MB", FAULT_ENV, DEBUG_ENV)
 JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
@@ -95,22 +96,81 @@ class _RankActor:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR=addr, MASTER_PORT=str(port), COUPLING_DIST_LAUNCHER="ray")
         torch.set_num_threads(max(1, threads))
+        tb = None
         try:
             out = {"rank": rank, "status": 0, "summary": fn(cfg)}
         except SystemExit as e:  # preemption (checkpointed: 143/138) or a stage's own exit status
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
             ok = code == 0 or code in D.PREEMPT_EXIT_CODES
             out = {"rank": rank, "status": code, "summary": None, "error": None if ok else str(e)}
-        except PreflightError as e:
-            out = {"rank": rank, "status": 2, "summary": None, "error": str(e)}
+        except InputError as e:  # the user's inputs (PreflightError included): one line, status 2
+            out = {"rank": rank, "status": 2, "summary": None, "error": str(e), "input_error": True}
+            tb = traceback.format_exc()
         except Exception as e:  # noqa: BLE001 -- reported with the rank, the job exits non-zero
             out = {"rank": rank, "status": 1, "summary": None, "error": f"{type(e).__name__}: {e}"}
+            tb = traceback.format_exc()
+        if tb and debug_enabled():  # --debug / COUPLING_DIST_DEBUG=1 (forwarded to the actors)
+            out["traceback"] = tb
         # The actor process outlives this call (the driver kills it, so no atexit handler runs):
         # leave the group here, by the same rule as dist's exit handler (after an error a peer may
         # still be inside a collective; the group then goes with the process).
         if out["status"] == 0 or out["status"] in D.PREEMPT_EXIT_CODES or world == 1:
             D.shutdown()
         return out
+
+
+def report_rank_errors(bad: list[dict], stage: str) -> None:
+    """The failed ranks' errors on stderr. An input error (the user's file, shard, checkpoint...) is
+    the cause of everything else that went wrong in that run (peers that lost it, ...): then only
+    it is printed, once -- ``error: <message>``, as a single process would -- however many ranks
+    hit it. Tracebacks (``--debug``) come first."""
+    inputs = [r for r in bad if r.get("input_error")]
+    shown = inputs or [r for r in bad if r.get("error")]
+    for r in shown:
+        if r.get("traceback"):
+            print(f"rank {r['rank']}:\n{r['traceback']}", file=sys.stderr)
+    seen: dict[str, list[int]] = {}
+    for r in shown:
+        seen.setdefault(r["error"], []).append(r["rank"])
+    for msg, ranks in seen.items():
+        if inputs:
+            print(f"error: {msg}", file=sys.stderr, flush=True)
+        else:
+            print(f"error ({stage}, rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}): {msg}",
+                  file=sys.stderr, flush=True)
+
+
+def _collect(refs: list, actors: list) -> list[dict]:
+    """Every rank's result, in rank order. A rank that returned a failure (an input error, an
+    exception) still holds its process and its end of the process group, so peers waiting for it
+    in a collective would wait for the collective timeout: its actor is killed at once, which they
+    notice as a lost peer. Should they still not finish, they are stopped (killed, reported as
+    stopped) ``COUPLING_DIST_RAY_GRACE_S`` (default 60 s) later. A rank whose process died needs
+    neither: its peers notice by themselves."""
+    import ray
+
+    pending = {ref: r for r, ref in enumerate(refs)}
+    out: dict[int, dict] = {}
+    deadline = None
+    while pending:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+        if not ready:  # the grace period after a failure is over
+            for r in pending.values():
+                out[r] = {"rank": r, "status": 1, "summary": None, "error": None, "stopped": True}
+            break
+        r = pending.pop(ready[0])
+        try:
+            res = ray.get(ready[0])
+        except ray.exceptions.RayActorError as e:  # the worker process or its node died
+            out[r] = {"rank": r, "status": 1, "summary": None, "error": f"Ray worker died: {e}"}
+            continue
+        out[r] = res
+        if res["status"] != 0 and res["status"] not in D.PREEMPT_EXIT_CODES and pending:
+            ray.kill(actors[r])  # its peers see the closed connection instead of waiting
+            if deadline is None:
+                deadline = time.monotonic() + float(os.environ.get("COUPLING_DIST_RAY_GRACE_S", "60"))
+    return [out[r] for r in range(len(refs))]
 
 
 def launch_ranks(cfg, fn: Callable, world: int, stage: str) -> list[dict]:
@@ -144,12 +204,7 @@ def launch_ranks(cfg, fn: Callable, world: int, stage: str) -> list[dict]:
         addr, port = ray.get(actors[0].address.remote())
         LOG.info("%s: %d Ray workers (%s each), master %s:%d", stage, world, bundle, addr, port)
         refs = [a.run.remote(fn, cfg, r, world, addr, port, threads) for r, a in enumerate(actors)]
-        results = []
-        for r, ref in enumerate(refs):
-            try:
-                results.append(ray.get(ref))
-            except ray.exceptions.RayActorError as e:  # the worker process or its node died
-                results.append({"rank": r, "status": 1, "summary": None, "error": f"Ray worker died: {e}"})
+        results = _collect(refs, actors)
     finally:
         for a in actors:
             ray.kill(a)
@@ -157,9 +212,7 @@ def launch_ranks(cfg, fn: Callable, world: int, stage: str) -> list[dict]:
         if started:
             ray.shutdown()
     bad = [r for r in results if r["status"] != 0]
-    for r in bad:
-        if r.get("error"):
-            print(f"error ({stage}, rank {r['rank']}): {r['error']}", file=sys.stderr)
+    report_rank_errors(bad, stage)
     if bad:
         raise SystemExit(max(r["status"] for r in bad))
     LOG.info("%s: Ray workers finished in %.1f s", stage, time.perf_counter() - t0)

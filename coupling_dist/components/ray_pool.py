@@ -7,7 +7,8 @@ method). ``map_unordered(method, tasks, args)`` streams ``tasks`` through them -
 ``(task, result)`` as results arrive. A task that fails (an exception, or its actor died: a crash,
 a lost node) is resubmitted, up to ``R`` times, then ``RayPoolError`` names it. A dead actor is
 restarted by Ray (``max_restarts=R``: its constructor runs again) or, once that is used up or it
-stays unreachable, replaced. Callers key results by task, so the outcome never depends on which
+stays unreachable, replaced. A task that raised an ``InputError`` (bad input: retrying cannot help)
+is not retried; the error is re-raised as itself, so the entry prints its one line (exit status 2). Callers key results by task, so the outcome never depends on which
 actor ran what, or how often.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from typing import Callable, Iterable, Iterator
 
 from .logging import get_logger
+from .preflight import InputError
 
 LOG = get_logger("ray_pool")
 
@@ -91,6 +93,9 @@ class ActorPool:
             try:
                 result = ray.get(ready[0])
             except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, InputError):  # a bad input stays bad: no retry, the same one line
+                    raise cause.with_traceback(None) from None
                 if attempt >= self.max_retries:
                     raise RayPoolError(f"{label(task)}: failed {attempt + 1} time(s) "
                                        f"(ray.max_retries={self.max_retries}): {e}") from None

@@ -48,6 +48,7 @@ from .dist import PREEMPT_SIGNALS, exit_code_for
 from .ema import EMA
 from .logging import MetricsLogger, get_logger, progress
 from .metrics import Throughput, measure_gemm_flops
+from .preflight import InputError
 from .optim import build_optimizer, scheduler_factory
 
 LOG = get_logger("trainer")
@@ -123,7 +124,8 @@ class Trainer:
         self.precision = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.layout = {"world": D.world_size(), "dp_world": self.dp_world, "mp_world": self.mp_world,
                        "zero_stage": cfg.zero_stage, "precision": self.precision, "global_batch": cfg.batch_size}
-        self.ckpt = CheckpointManager(self.stage_dir, cfg.keep_last)
+        key = f"{self.stage}.train.resume" if self.stage in ("stage_a", "stage_b") else "train.resume"
+        self.ckpt = CheckpointManager(self.stage_dir, cfg.keep_last, resume_key=key)
         self.metrics = self.metrics or MetricsLogger(self.stage_dir, self.stage, None, enabled=D.is_main())
         self.peak_flops = cfg.peak_flops or self._measured_peak()
 
@@ -258,7 +260,7 @@ class Trainer:
                     result.preempted = stop
                     break
         except Exception as e:
-            if D.world_size() > 1 and D.is_peer_failure(e):
+            if D.world_size() > 1 and not isinstance(e, InputError) and D.is_peer_failure(e):
                 # A dead peer must end every rank with a message, not a hang (the collective timeout
                 # bounds the wait; gloo usually notices a closed socket at once).
                 latest = find_resume(self.ckpt.root)

@@ -6,7 +6,8 @@ Formats (``data.format``, ``auto`` picks by extension, ``.gz`` allowed for text/
 - Parquet (``.parquet``): column ``data.text_field`` (the LM1B parquet layout).
 Blank sentences are skipped (they are not samples and get no index). The order is the files in
 ``assets.resolve_corpus`` order (sorted within each glob), then line/row order, so the global
-sample index -- the shard key -- is stable across runs. Errors name the file and line/row.
+sample index -- the shard key -- is stable across runs. Errors (``CorpusError``, an ``InputError``:
+exit status 2, one line) name the file and line/row and what to change.
 """
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ import json
 import os
 from typing import Iterator, Optional
 
+from ..components.preflight import InputError
 
-class CorpusError(ValueError):
-    pass
+
+class CorpusError(InputError, ValueError):
+    """A corpus file cannot be read as ``data.format`` (names the file, line or row, and the fix)."""
 
 
 def detect_format(path: str, fmt: str = "auto") -> str:
@@ -38,10 +41,14 @@ def _iter_lines(path: str) -> Iterator[tuple[int, str]]:
     decode whole buffers ahead), so a decoding error names the right line."""
     with _open_binary(path) as fh:
         for lineno, raw in enumerate(fh, 1):
+            if b"\0" in raw:
+                raise CorpusError(f"{path}: line {lineno}: NUL byte: a binary file, not text (data.corpus must "
+                                  f"name text, JSONL or Parquet files; data.format picks the reader)")
             try:
                 line = raw.decode("utf-8", errors="strict")
             except UnicodeDecodeError as e:
-                raise CorpusError(f"{path}: line {lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                raise CorpusError(f"{path}: line {lineno}: not valid UTF-8 ({e.reason} at byte {e.start}); "
+                                  f"re-encode the file as UTF-8 or remove the line") from None
             yield lineno, line.rstrip("\r\n")
 
 
@@ -60,9 +67,11 @@ def iter_file(path: str, fmt: str = "auto", text_field: str = "text") -> Iterato
             try:
                 obj = json.loads(line)
             except ValueError as e:
-                raise CorpusError(f"{path}: line {lineno}: invalid JSON ({e})") from None
+                raise CorpusError(f"{path}: line {lineno}: invalid JSON ({e}); fix or remove the line") from None
             if not isinstance(obj, dict) or text_field not in obj:
-                raise CorpusError(f"{path}: line {lineno}: no '{text_field}' field (data.text_field)")
+                keys = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
+                raise CorpusError(f"{path}: line {lineno}: no '{text_field}' field (has {keys}); set data.text_field "
+                                  f"to the field that holds the text")
             val = obj[text_field]
             if not isinstance(val, str):
                 raise CorpusError(f"{path}: line {lineno}: '{text_field}' is {type(val).__name__}, not a string")
@@ -74,10 +83,12 @@ def iter_file(path: str, fmt: str = "auto", text_field: str = "text") -> Iterato
         try:
             pf = pq.ParquetFile(path)
         except Exception as e:  # pyarrow raises several types for a non-parquet file
-            raise CorpusError(f"{path}: not a readable Parquet file ({e})") from None
+            raise CorpusError(f"{path}: not a readable Parquet file ({type(e).__name__}: {str(e).strip()[:200]}); check the file, or "
+                              f"set data.format if it is not Parquet") from None
         names = pf.schema_arrow.names
         if text_field not in names:
-            raise CorpusError(f"{path}: no column '{text_field}' (data.text_field); columns: {names}")
+            raise CorpusError(f"{path}: no column '{text_field}' (columns: {names}); set data.text_field to the "
+                              f"column that holds the text")
         row = 0
         for batch in pf.iter_batches(columns=[text_field], batch_size=8192):
             for val in batch.column(0).to_pylist():

@@ -34,6 +34,8 @@ from . import shards as S
 
 log = get_logger("data.loader")
 MAX_OPEN = 64
+FIX = ("re-run the stage that wrote this shard set with the same config (preprocess or pair_store: only missing or "
+       "damaged shards are rewritten), or set loader.skip_bad=true to skip the bad samples")
 
 
 # --------------------------------------------------------------------------- the permutation
@@ -125,7 +127,8 @@ class _Reader:
             if len(idx) != int(s["count"]):
                 last = idx.keys[-1] if idx.keys else None
                 raise S.ShardError(s["name"], last, f"manifest lists {s['count']} samples but the file holds "
-                                   f"{len(idx)} (last key shown); the manifest does not match the files")
+                                   f"{len(idx)} (last key shown); the manifest "
+                                   f"{S.Manifest.path(self.shard_dir)} does not match the files: {FIX}")
             self._index[i] = idx
         return self._index[i]
 
@@ -211,7 +214,10 @@ class _StepDataset(torch.utils.data.Dataset):
         return 1 << 62
 
     def __getitem__(self, step: int) -> dict:
-        return self.reader.batch(self.rank_positions(step), self.with_keys)
+        try:
+            return self.reader.batch(self.rank_positions(step), self.with_keys)
+        except S.ShardError as e:  # handed to the main process as itself (DataLoader would re-wrap it)
+            return {"__error__": e}
 
 
 # --------------------------------------------------------------------------- the loader
@@ -261,13 +267,13 @@ class ShardLoader:
                 reason = f"missing from disk ({path})"
             elif os.path.getsize(path) != int(s["bytes"]):
                 reason = (f"manifest mismatch: {os.path.getsize(path)} bytes on disk, manifest says {s['bytes']} "
-                          f"(truncated or replaced; {_diagnose(path)})")
+                          f"(truncated or replaced; {_diagnose(path)}; {path})")
             elif checksums and s.get("sha256") and S.sha256_file(path) != s["sha256"]:
-                reason = "manifest mismatch: sha256 differs from the manifest"
+                reason = f"manifest mismatch: sha256 differs from the manifest ({path})"
             if reason is None:
                 continue
             if not self.skip_bad:
-                raise S.ShardError(s["name"], _key_hint(s), reason)
+                raise S.ShardError(s["name"], _key_hint(s), f"{reason}; {FIX}")
             log.warning("shard %s: %s; its %s samples will be skipped (skip_bad)", s["name"], reason, s["count"])
             bad[s["name"]] = reason
         return bad
@@ -314,6 +320,8 @@ class ShardLoader:
         else:
             source = (self._reader.batch(self.rank_positions(s), self.with_keys) for s in steps)
         for batch in source:
+            if "__error__" in batch:
+                raise batch["__error__"]
             for msg in batch.pop("__skipped__"):
                 self.skipped += 1
                 log.warning("skipped bad sample (%d so far): %s", self.skipped, msg)

@@ -10,7 +10,8 @@ single-threaded zstd at a fixed level): the same samples always give the same fi
 what lets a re-run restore a deleted shard byte-identically. Every write goes to a temporary
 name beside the target and is renamed into place; the manifest is written last.
 
-Every read error names the shard and the sample key (``ShardError``).
+Every read error names the shard and the sample key (``ShardError``); it and ``ManifestError``
+are ``InputError``s (exit status 2, one line).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import numpy as np
 import zstandard
 
 from ..components.atomic import write_bytes, write_json
+from ..components.preflight import InputError
 
 FORMAT = "coupling_dist.shards/1"
 SUFFIX = ".npy.zst"
@@ -37,16 +39,19 @@ MANIFEST = "manifest.json"
 STORED_DTYPE = {"bfloat16": "uint16"}
 
 
-class ShardError(RuntimeError):
+class ShardError(InputError):
     """A shard (or one of its samples) cannot be read or does not match the manifest."""
 
     def __init__(self, shard: str, key: Optional[str], msg: str):
-        self.shard, self.key = shard, key
+        self.shard, self.key, self.msg = shard, key, msg
         where = f"shard {shard}" + (f", sample key {key}" if key is not None else "")
         super().__init__(f"{where}: {msg}")
 
+    def __reduce__(self):  # crosses process boundaries (DataLoader workers, Ray) intact
+        return (ShardError, (self.shard, self.key, self.msg))
 
-class ManifestError(ValueError):
+
+class ManifestError(InputError, ValueError):
     """A manifest is missing, unreadable, or does not describe the files beside it."""
 
 

@@ -4,7 +4,9 @@ Writes ``run.dir/eval/results.json``, ``results.csv`` and ``frontier.png`` (see
 ``evaluation.report``). Rows:
 - ``file``: the sample file ``evaluate.samples`` (a path or glob; default
   ``run.dir/sample/samples.jsonl`` when it exists); bad lines are reported with line numbers and
-  counted (``evaluation.samples_file``);
+  counted (``evaluation.samples_file``); a file without a single valid sample (empty, or every
+  line bad) fails the evaluation (exit status 2, naming the file) before anything is scored, as
+  does an evaluation that would score nothing at all;
 - ``sweep`` (``evaluate.sweep``, needs the generator export): for every combination of
   ``evaluate.steps`` x ``latent_scales`` x ``top_ps`` x ``temperatures``, draw
   ``evaluate.num_samples`` samples (seed ``sample.seed``) and score them; the samples are kept
@@ -35,6 +37,7 @@ import time
 
 from ...components import paths as run_paths
 from ...components.logging import get_logger, setup_logging
+from ...components.preflight import InputError, check_export
 from ...evaluation import report
 from ...evaluation.factorized import factorized_samples
 from ...evaluation.protocol import length_stats, lengths, protocol_inputs
@@ -52,7 +55,8 @@ def sample_paths(cfg) -> list[str]:
     paths = sorted(glob.glob(spec)) if any(c in spec for c in "*?[") else [spec]
     missing = [p for p in paths if not os.path.isfile(p)]
     if not paths or missing:
-        raise FileNotFoundError(f"evaluate.samples: no sample file at '{missing[0] if missing else spec}'")
+        raise InputError(f"evaluate.samples: no sample file at '{missing[0] if missing else spec}'; run "
+                         f"`python -m coupling_dist.sample` first or fix evaluate.samples")
     return paths
 
 
@@ -91,6 +95,9 @@ def heldout_reference(cfg, data_tok, limit: int) -> SampleFile:
 def reference_set(cfg, data_tok):
     e = cfg.evaluate
     if e.reference:
+        if not os.path.isfile(e.reference):
+            raise InputError(f"evaluate.reference: '{e.reference}' does not exist (a JSONL or text file of real text; "
+                             f"unset it to use the held-out shards)")
         sf = read_reference_file(e.reference, e.max_text_chars)
         sf.records = sf.records[:e.reference_samples]
         fill_gen_ids(sf, data_tok, cfg.data.seq_len - 1)
@@ -119,6 +126,27 @@ def _log_problems(sf: SampleFile) -> None:
             log.warning("  %s line %d: %s", sf.path, p["line"], p["reason"])
 
 
+def read_sample_file(path: str, max_chars: int) -> SampleFile:
+    """Read and check one samples file. Bad lines are logged and counted (the rest is scored); a
+    file with no valid sample at all is an ``InputError``: the evaluation fails (exit status 2)
+    before scoring anything, and nothing is written or marked complete."""
+    try:
+        sf = read_samples(path, max_chars)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the samples file ({e.strerror or e})") from None
+    _log_problems(sf)
+    if not sf.records:
+        if not sf.problems:
+            why = "is empty"
+        else:
+            first = sf.problems[0]
+            why = (f"has no valid sample: all {len(sf.problems)} line(s) are bad (line {first['line']}: "
+                   f"{first['reason']})")
+        raise InputError(f"{path} {why}; nothing was scored. Each line must be a JSON object with a 'text' string "
+                         f"(re-run `python -m coupling_dist.sample`, or point evaluate.samples at a valid file)")
+    return sf
+
+
 def sweep_settings(cfg, kind: str):
     e = cfg.evaluate
     skipped = []
@@ -141,10 +169,12 @@ def run_sweep(cfg, pool, scorer_tok, out_dir: str, data_tok, ref_lengths) -> tup
     rows, notes = [], []
     for kind in ["generator"] + (["stage_a"] if cfg.evaluate.stage_a_series else []):
         path = run_paths.sampling_export(cfg, kind)
+        what = "Stage A" if kind == "stage_a" else "generator"
         if not os.path.isfile(os.path.join(path, "config.json")):
-            what = "Stage A" if kind == "stage_a" else "generator"
             notes.append(f"no {what} export at {path}: {what} sweep skipped")
             continue
+        check_export(path, f"{what} export", f"re-run {'stage_a' if kind == 'stage_a' else 'stage_b'} to re-export it, "
+                     f"or set evaluate.sweep=false")
         dev = D.device()
         model, meta = G.load_export(path, dev, kind)
         tok = load_tokenizer(G.tokenizer_ref(meta, cfg))
@@ -178,20 +208,22 @@ def main(cfg) -> dict:
     setup_logging(out_dir, 0)
     e = cfg.evaluate
     paths = sample_paths(cfg)
+    sample_files = [read_sample_file(p, e.max_text_chars) for p in paths]  # before anything is loaded
     scorer_tok = load_tokenizer(e.scorer)
     data_tok = load_tokenizer(cfg.data.tokenizer)
     rows, files, notes = [], [], []
     ref, ref_name = reference_set(cfg, data_tok)
     ref_lengths = lengths(ref.records) if ref is not None else None
+    sweeps = [k for k in ["generator"] + (["stage_a"] if e.stage_a_series else [])
+              if os.path.isfile(os.path.join(run_paths.sampling_export(cfg, k), "config.json"))] if e.sweep else []
+    if not paths and not sweeps and not (ref is not None and ref.records):
+        raise InputError(f"evaluate has nothing to score: no samples file ({run_paths.samples_file(cfg)} is absent and "
+                         f"evaluate.samples is unset), no export to sweep (evaluate.sweep) and no reference text; "
+                         f"run sample first or set evaluate.samples")
     with ScorerPool(e.scorer, e.num_actors, cfg.ray.address, cfg.ray.num_cpus_per_worker, cfg.ray.max_retries) as pool:
-        for p in paths:
-            sf = read_samples(p, e.max_text_chars)
-            _log_problems(sf)
+        for p, sf in zip(paths, sample_files):
             fill_gen_ids(sf, data_tok, cfg.data.seq_len)
             files.append(sf.summary())
-            if not sf.records:
-                notes.append(f"{p}: no valid samples")
-                continue
             st = (sf.records[0].get("settings") or {})
             row = _score_row(pool, sf, scorer_tok, cfg, data_tok, ref_lengths, name=f"file:{os.path.basename(p)}",
                              kind="file",
@@ -219,6 +251,9 @@ def main(cfg) -> dict:
         actors = pool.num_actors
     for n in notes:
         log.warning(n)
+    if not rows:  # a safety net: the checks above refuse every known way to get here
+        raise InputError(f"evaluate scored nothing ({'; '.join(notes) or 'no samples, sweep or reference'}); nothing "
+                         f"written. Run sample first or set evaluate.samples")
     extra = {"scorer": e.scorer, "num_actors": actors, "sample_files": files, "notes": notes,
              "config": {"evaluate": cfg.to_dict()["evaluate"], "sample": cfg.to_dict()["sample"]}}
     paths_out = report.write_all(out_dir, rows, e.protocol, extra)

@@ -8,7 +8,7 @@ from typing import Optional
 
 from ...components import assets
 from ...components.paths import data_dir, pair_store_dir, stage_a_artifact
-from ...components.preflight import PreflightError, teacher_path
+from ...components.preflight import PreflightError, check_export, teacher_path
 from ...config import Config
 from ...data.shard_job import fingerprint
 from ...data.source import DataMismatchError, describe_encoder, describe_source, encoder_differences
@@ -70,6 +70,8 @@ def _prepare(cfg: Config) -> dict:
     from ...data.shards import Manifest
 
     src_dir, art = data_dir(cfg), stage_a_artifact(cfg)
+    check_export(art, "Stage A export", "run `python -m coupling_dist.stage_a` with this config to (re-)export it, "
+                 "or point pair_store.artifact at a complete export")
     meta = read_meta(art)
     man = Manifest.load(src_dir)
     info = describe_source(man, src_dir)

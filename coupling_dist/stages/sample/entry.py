@@ -20,6 +20,7 @@ from ...components import dist as D
 from ...components.atomic import write_jsonl, write_with
 from ...components.logging import get_logger, setup_logging
 from ...components.paths import samples_file, sampling_export, stage_dir
+from ...components.preflight import check_export
 from ...sampling.generate import generate_records, load_export, settings_from_cfg, tokenizer_ref
 from ...sampling.onestep import SampleSettings
 
@@ -69,6 +70,17 @@ def run_sampling(model, meta: dict, tok, out_path: str, settings: SampleSettings
     return {"samples": num_samples, "rank_samples": len(idx), "seconds": elapsed, "out": out_path}
 
 
+def check_input(cfg) -> str:
+    """The export to sample from is there and complete (``InputError`` naming the file otherwise)."""
+    path = sampling_export(cfg)
+    if cfg.sample.kind == "stage_a":
+        what, fix = "Stage A export", "run `python -m coupling_dist.stage_a` with this config, or set sample.export"
+    else:
+        what, fix = "generator export", "run `python -m coupling_dist.stage_b` with this config, or set sample.export"
+    check_export(path, what, fix)
+    return path
+
+
 def sample_rank(cfg) -> dict:
     """One rank's share of the samples (any launcher); rank 0 writes the merged file."""
     from ...components.assets import load_tokenizer
@@ -76,7 +88,7 @@ def sample_rank(cfg) -> dict:
     D.init_distributed()
     setup_logging(stage_dir(cfg, "sample"), D.rank())
     dev = D.device()
-    model, meta = load_export(sampling_export(cfg), dev, cfg.sample.kind)
+    model, meta = load_export(check_input(cfg), dev, cfg.sample.kind)
     tok = load_tokenizer(tokenizer_ref(meta, cfg))
     settings = settings_from_cfg(cfg)
     out = samples_file(cfg)
@@ -91,4 +103,4 @@ def sample_rank(cfg) -> dict:
 def main(cfg) -> dict:
     from ...components.ray_launch import run_stage
 
-    return run_stage(cfg, sample_rank, "sample", cfg.sample.ray_workers)
+    return run_stage(cfg, sample_rank, "sample", cfg.sample.ray_workers, preflight=lambda world: check_input(cfg))
