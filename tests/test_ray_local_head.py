@@ -28,13 +28,13 @@ def test_readme_block_is_the_documented_recipe():
     lines = readme_local_head_block()
     assert lines == ["cluster/ray/local_head.sh start", "export RAY_AUTH_MODE=token",
                      ".venv/bin/ray job submit --address http://127.0.0.1:8265 -- python -m coupling_dist.stage_b "
-                     "--config configs/demo.yaml", "cluster/ray/local_head.sh stop"]
+                     "--config configs/tiny.yaml", "cluster/ray/local_head.sh stop"]
 
 
 @pytest.mark.slow
 def test_readme_ray_local_head_recipe_from_a_plain_shell(tmp_path):
     """``local_head.sh start``, the one client variable, ``ray job submit ... stage_b --config
-    configs/demo.yaml`` (plus overrides for a short run): the job is accepted (token authentication
+    configs/tiny.yaml`` (plus overrides for a short run): the job is accepted (token authentication
     on), runs the venv's python on the head, and trains with 2 Ray-actor ranks. Without the variable
     the same submit is refused. Ports and the temp dir are private to this test (the head's knobs),
     and only this head is stopped (the README's ``stop`` is ``ray stop``: every Ray process of the user)."""

@@ -3,14 +3,14 @@
 #   cluster/ray/local_head.sh start|stop
 # then, in any shell (the venv need not be activated):
 #   export RAY_AUTH_MODE=token
-#   .venv/bin/ray job submit --address http://127.0.0.1:8265 -- python -m coupling_dist.stage_b --config configs/demo.yaml
+#   .venv/bin/ray job submit --address http://127.0.0.1:8265 -- python -m coupling_dist.stage_b --config configs/tiny.yaml
 #
 # The head keeps Ray's token authentication on (RAY_AUTH_MODE=token; the token lives in
 # ~/.ray/auth_token, made on the first start), so a client must send it: RAY_AUTH_MODE=token is the
 # one variable it needs. The head runs with this checkout's environment -- the venv's bin/ first on
 # PATH (a job's entrypoint `python ...` is run by the head, with the head's PATH), PYTHONPATH = this
 # checkout, and scripts/env.sh -- so jobs find torch and coupling_dist whatever the submitting
-# shell has activated. Relative paths in a job's command line (configs/demo.yaml) are relative to
+# shell has activated. Relative paths in a job's command line (configs/tiny.yaml) are relative to
 # this checkout.
 # Optional: COUPLING_DIST_VENV (default .venv), RAY_PORT (6379), RAY_DASHBOARD_PORT (8265),
 # RAY_AGENT_PORT, RAY_NUM_CPUS, RAY_TEMP_DIR.
@@ -44,7 +44,7 @@ case "${1:-}" in
 Ray head on 127.0.0.1 (dashboard http://127.0.0.1:$DASH) with token authentication; jobs run with
 $VENV/bin first on PATH, in $ROOT. A client needs this one variable (the token is read from ~/.ray/auth_token):
   export RAY_AUTH_MODE=token
-  $VENV/bin/ray job submit --address http://127.0.0.1:$DASH -- python -m coupling_dist.stage_b --config configs/demo.yaml
+  $VENV/bin/ray job submit --address http://127.0.0.1:$DASH -- python -m coupling_dist.stage_b --config configs/tiny.yaml
 EOF
     ;;
   stop) "$RAY" stop ;;
