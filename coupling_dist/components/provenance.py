@@ -36,6 +36,7 @@ from typing import NamedTuple, Optional
 from . import paths
 from .atomic import write_json
 from .preflight import PreflightError
+from ..data.shards import sha256_file
 
 STARTED = "_INPUTS.json"  # a started stage's inputs and config (its partial state's provenance)
 STALE = ".stale-"  # <stage dir>.stale-<time>: a directory moved aside before a re-run
@@ -147,14 +148,6 @@ def dependents(cfg, stage: str, stages) -> list[str]:
 # --------------------------------------------------------------------------- hashing
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files_of(path, kind: str) -> list[str]:
     if kind == "files":
         return [p for p in (path or []) if p]
@@ -183,7 +176,7 @@ def content_id(path, kind: str, cache: Optional[dict] = None) -> tuple[Optional[
             return None, {}
         key = os.path.abspath(f)
         old = cache.get(key)
-        sha = old[2] if old and old[0] == st.st_size and old[1] == st.st_mtime_ns else _sha256_file(f)
+        sha = old[2] if old and old[0] == st.st_size and old[1] == st.st_mtime_ns else sha256_file(f)
         files[key] = [st.st_size, st.st_mtime_ns, sha]
         h.update(os.path.basename(f).encode() + b"\0" + sha.encode() + b"\0")
     return (h.hexdigest() if files else None), files
