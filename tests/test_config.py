@@ -14,7 +14,7 @@ def test_valid_demo_and_overrides():
 
 
 @pytest.mark.parametrize("override, pattern", [
-    ("data.seq_lenn=3", r"demo\.yaml.*unknown key 'data\.seq_lenn'"),
+    ("data.seq_lenn=3", r"tiny\.yaml.*unknown key 'data\.seq_lenn'"),
     ("encoder.nope.x=1", r"unknown key 'encoder\.nope'"),
     ("data.seq_len=abc", r"'data\.seq_len' = 'abc' has the wrong type \(expected int\)"),
     ("data.shard_size=0", r"'data\.shard_size' = 0 must be > 0"),
