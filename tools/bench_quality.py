@@ -232,19 +232,17 @@ def held_out_sentences(out: str) -> list[str]:
     import numpy as np
 
     from coupling_dist.components import assets
-    from coupling_dist.data.shards import Manifest, read_shard
+    from coupling_dist.data.shards import Manifest, iter_shards
 
     data = os.path.join(out, "data")
-    man = Manifest.load(data).to_dict()
     tok = assets.load_tokenizer("asset:gpt2-tokenizer")
     texts = []
-    for s in man["shards"]:
-        if s["split"] != "train":
-            for rec in read_shard(os.path.join(data, os.path.basename(s["name"]))):
+    for split in sorted(set(Manifest.load(data).splits) - {"train"}):
+        for samples in iter_shards(data, split, fields=["tokens", "mask"]):
+            for rec in samples:
                 n = int(np.asarray(rec["mask"]).sum()) - 1  # the real tokens, without the EOS
                 texts.append(tok.decode(np.asarray(rec["tokens"])[:n].tolist()).strip())
     return texts
-
 
 if __name__ == "__main__":
     main()

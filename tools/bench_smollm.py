@@ -23,22 +23,20 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_vocab import corpus_rows  # noqa: E402
 from coupling_dist.components import assets  # noqa: E402
 
 REF = "asset:smollm2-135m-gguf"
 
 
 def corpus_batch(tok, n: int, T: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """The demo corpus as preprocess stores it (ids + EOS, pads = EOS, cut at T), and every id it uses."""
-    with open(assets.resolve("asset:lee-corpus"), encoding="utf-8") as fh:
-        lines = [ln.strip() for ln in fh if ln.strip()]
+    """The demo corpus as preprocess stores it (ids + EOS, pads = EOS, cut at T): the first ``n``
+    sequences, their mask, and every id the whole corpus uses."""
     eos = tok.eos_token_id
-    rows, used = [], {eos, tok.pad_token_id if tok.pad_token_id is not None else eos}
-    for ids in tok(lines, add_special_tokens=False)["input_ids"]:
-        ids = (list(ids) + [eos])[:T]
-        used.update(ids)
-        rows.append(ids)
+    rows = corpus_rows(tok, "asset:lee-corpus", T)
+    used = {eos, tok.pad_token_id if tok.pad_token_id is not None else eos}.union(*rows)
     sel = rows[:n]
     ids = torch.full((len(sel), T), eos, dtype=torch.long)
     mask = torch.zeros(len(sel), T, dtype=torch.long)

@@ -34,16 +34,23 @@ from bench_stage_b import rss_mb  # noqa: E402
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
 
 
+def corpus_rows(tok, corpus: str, T: int) -> list[list[int]]:
+    """Every sentence of a one-per-line corpus as preprocess stores its ids: ids + EOS, cut at T."""
+    from coupling_dist.components import assets
+
+    with open(assets.resolve(corpus), encoding="utf-8") as fh:
+        lines = [ln.strip() for ln in fh if ln.strip()]
+    return [(list(row) + [tok.eos_token_id])[:T] for row in tok(lines, add_special_tokens=False)["input_ids"]]
+
+
 def corpus_ids(cfg) -> list[int]:
     """The ids preprocess would store for the demo corpus (every split), plus EOS and pad."""
     from coupling_dist.components import assets
 
     tok = assets.load_tokenizer(cfg.data.tokenizer)
-    with open(assets.resolve(cfg.data.corpus), encoding="utf-8") as fh:
-        lines = [ln.strip() for ln in fh if ln.strip()]
     ids = {tok.eos_token_id, tok.pad_token_id}
-    for row in tok(lines, add_special_tokens=False)["input_ids"]:
-        ids.update((list(row) + [tok.eos_token_id])[:cfg.data.seq_len])
+    for row in corpus_rows(tok, cfg.data.corpus, cfg.data.seq_len):
+        ids.update(row)
     return sorted(ids)
 
 

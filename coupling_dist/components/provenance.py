@@ -304,21 +304,23 @@ def _config_changes(old: dict, new: dict) -> list[str]:
     return [f"config {k} changed ({old[k]!r} -> {new[k]!r})" for k in keys]
 
 
+def _changes_since(cfg, stage: str, rec: dict) -> list[str]:
+    """How the stage's inputs and config now differ from ``rec`` (a start or provenance record)."""
+    return (_input_changes(rec.get("inputs") or {}, input_record(cfg, stage, rec.get("inputs")))
+            + _config_changes(rec.get("config") or {}, config_record(cfg, stage)))
+
+
 def stale_reason(cfg, stage: str, done: Optional[dict]) -> Optional[str]:
     """Why ``stage`` must run again although it may be complete, or None. ``done``: its marker (None:
     not complete; a partial run whose ``_INPUTS.json`` differs from now is stale too)."""
     if done is None:
         started = _read(os.path.join(paths.stage_dir(cfg, stage), STARTED))
-        if not started:
-            return None
-        changes = (_input_changes(started.get("inputs") or {}, input_record(cfg, stage, started.get("inputs")))
-                   + _config_changes(started.get("config") or {}, config_record(cfg, stage)))
+        changes = _changes_since(cfg, stage, started) if started else []
         return f"its partial run was started from other inputs: {'; '.join(changes)}" if changes else None
     prov = done.get("provenance")
     if not prov:
         return None  # a marker from before provenance: not checked (the pipeline says so)
-    changes = (_input_changes(prov.get("inputs") or {}, input_record(cfg, stage, prov.get("inputs")))
-               + _config_changes(prov.get("config") or {}, config_record(cfg, stage)))
+    changes = _changes_since(cfg, stage, prov)
     for name, (path, kind) in stage_outputs(cfg, stage).items():
         rec = (prov.get("outputs") or {}).get(name) or {}
         sha, _ = content_id(path, kind, rec.get("files"))

@@ -22,7 +22,7 @@ import os
 import tarfile
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import zstandard
@@ -361,3 +361,12 @@ class Manifest:
             elif checksums and s.get("sha256") and sha256_file(p) != s["sha256"]:
                 problems.append(f"shard {s['name']}: sha256 differs from the manifest")
         return problems
+
+
+def iter_shards(shard_dir: str, split: Optional[str] = None, fields: Optional[list] = None) -> Iterator[list[dict]]:
+    """The samples of every shard its manifest lists (name order; only ``split``'s when given), one
+    list per shard: for the small readers that scan a whole shard set (vocabulary, marginals,
+    reports), not for training (``data.loader``)."""
+    for s in sorted(Manifest.load(shard_dir).shards, key=lambda s: s["name"]):
+        if split is None or s["split"] == split:
+            yield read_shard(os.path.join(shard_dir, os.path.basename(s["name"])), fields=fields)

@@ -91,7 +91,7 @@ def shard_set_identity(data_dir: str) -> str:
 def build_vocab(data_dir: str) -> CompactVocab:
     """The ids in every shard (all splits) of ``data_dir``, plus the tokenizer's EOS and pad; read
     from ``vocab.json`` when it was built for this very shard set, else built and cached."""
-    from .shards import Manifest, read_shard
+    from .shards import Manifest, iter_shards
 
     man = Manifest.load(data_dir)
     tok = man.tokenizer or {}
@@ -105,8 +105,8 @@ def build_vocab(data_dir: str) -> CompactVocab:
         if d.get("format") == FORMAT and d.get("shard_set") == ident:
             return CompactVocab(d["ids"], d["full_size"])
     seen = torch.zeros(int(tok["vocab_size"]), dtype=torch.bool)
-    for s in man.shards:
-        for smp in read_shard(os.path.join(data_dir, os.path.basename(s["name"])), fields=["tokens"]):
+    for samples in iter_shards(data_dir, fields=["tokens"]):
+        for smp in samples:
             seen[torch.from_numpy(smp["tokens"]).long()] = True
     for special in (tok.get("eos_id"), tok.get("pad_id")):
         if special is not None:

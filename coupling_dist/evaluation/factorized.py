@@ -9,11 +9,9 @@ the dependencies between positions.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from ..data.shards import Manifest, read_shard
+from ..data.shards import iter_shards
 from ..sampling.generate import truncate_at_eos
 from .samples_file import SampleFile
 
@@ -21,10 +19,8 @@ from .samples_file import SampleFile
 def position_marginals(data_dir: str, vocab_size: int, seq_len: int) -> np.ndarray:
     """Counts [T, V] of each token id at each position over every training sample."""
     counts = np.zeros((seq_len, vocab_size), dtype=np.int64)
-    for shard in Manifest.load(data_dir).to_dict()["shards"]:
-        if shard["split"] != "train":
-            continue
-        tok = np.stack([s["tokens"] for s in read_shard(os.path.join(data_dir, os.path.basename(shard["name"])))])
+    for samples in iter_shards(data_dir, "train", fields=["tokens"]):
+        tok = np.stack([s["tokens"] for s in samples])
         for t in range(seq_len):
             counts[t] += np.bincount(tok[:, t].astype(np.int64), minlength=vocab_size)
     return counts

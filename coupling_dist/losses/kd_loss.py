@@ -117,7 +117,8 @@ class ChunkedHeadLoss(torch.autograd.Function):
         tau, eps = float(o.temperature), float(o.label_smoothing)
         tp = _tp(o.tp_group)
         use_kd = (ht is not None or cached is not None) and o.lambda_kd != 0.0
-        live = use_kd and cached is None  # the teacher head runs here; otherwise its cached top-k
+        live = use_kd and cached is None  # the teacher head runs here
+        from_cache = use_kd and cached is not None  # its top-k from the pair store instead
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros(N, H, dtype=torch.float32, device=h.device) if need_h else None
         grad_w = torch.zeros(Vl, H, dtype=torch.float32, device=w.device) if need_w else None
@@ -136,7 +137,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
             l_s = torch.full((n,), -float("inf"), device=h.device)
             l_q, l_t = l_s.clone(), l_s.clone()
             a_t, sum_s, tgt = (torch.zeros(n, device=h.device) for _ in range(3))
-            if use_kd and not live:  # cached: s/tau at the top-k ids, log-sum-exp of s/tau outside them
+            if from_cache:  # cached: s/tau at the top-k ids, log-sum-exp of s/tau outside them
                 ids_l = cached[0][r0:r1].long() - int(o.vocab_start)
                 qk = torch.zeros(ids_l.shape, device=h.device)
                 # l_t holds the outside-K log-sum-exp here, so the TP reduction below serves both teachers
@@ -155,7 +156,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
                     idx = inside.nonzero(as_tuple=True)[0]
                     tgt[idx] += s[idx, lt[idx] - v0]
                 t = None
-                if use_kd and not live:
+                if from_cache:
                     rr, jj, cc = _in_chunk(ids_l, v0, v1)
                     qk[rr, jj] = q[rr, cc]
                     outside = q.clone()
@@ -178,18 +179,18 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=o.tp_group)
                 e = torch.exp(ls - mx)
                 sums = torch.stack([e[0], e[1], e[2], a_t * e[2], sum_s, tgt])
-                if use_kd and not live:  # each cached id lives on one shard: the others add 0
+                if from_cache:  # each cached id lives on one shard: the others add 0
                     sums = torch.cat([sums, qk.t()])
                 dist.all_reduce(sums, group=o.tp_group)
                 l_s, l_q, l_t = (mx + torch.log(sums[:3])).unbind(0)
                 a_t = sums[3] / sums[2]
                 sum_s, tgt = sums[4], sums[5]
-                if use_kd and not live:
+                if from_cache:
                     qk = sums[6:].t()
             ce_rows[r0:r1] = (1 - eps) * (l_s - tgt) + (eps * (l_s - sum_s / V) if eps else 0.0)
             if live:
                 kd_rows[r0:r1] = tau * tau * (a_t - l_t + l_q)
-            elif use_kd:
+            elif from_cache:
                 logp, tail = cached[1][r0:r1].float(), cached[2][r0:r1].float()
                 kd_rows[r0:r1], log_qk, P, ratio = _grouped_kd(qk, l_t, l_q, logp, tail, tau)
             if not (need_h or need_w):
@@ -206,7 +207,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
                     t = _teacher_logits(htr, wt, v0, v1, o) if live else None
                 # in place where possible: these buffers are [rows, vocab chunk]
                 gq = (s / tau).sub_(l_q[:, None]).exp_().mul_(c_kd) if use_kd else None
-                if use_kd and not live:  # the grouped KL's gradient (module docstring)
+                if from_cache:  # the grouped KL's gradient (module docstring)
                     gq.mul_(P[:, None] - ratio[:, None])
                     rr, jj, cc = _in_chunk(ids_l, v0, v1)
                     gq[rr, cc] += c_kd[rr, 0] * (ratio[rr] * log_qk[rr, jj].exp() - logp[rr, jj].exp())
@@ -220,7 +221,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
                     g[idx, lt[idx] - v0] -= (1 - eps) * c_ce[idx, 0]
                 if live:
                     g.add_(gq).sub_(t.sub_(l_t[:, None]).exp_().mul_(c_kd))
-                elif use_kd:
+                elif from_cache:
                     g.add_(gq)
                 del gq
                 # addmm_ accumulates in place: no [V_chunk, H] temporary per row chunk

@@ -28,8 +28,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .generator import check_latents
 from .layers import Transformer, transformer_flops_per_token
-from .realnvp import safe_key_mask, sinusoidal_positions
+from .stage_a import build_flow, decoder_states
 
 UNUSED_ROW_LOGIT = -30.0  # initial logit of head rows Stage A never had (exp(-30) ~ 1e-13)
 
@@ -46,8 +47,6 @@ class CompositeGenerator(nn.Module):
 
     def __init__(self, arch: dict, latent_dim: int, seq_len: int, vocab_size: int):
         super().__init__()
-        from .stage_a import build_flow
-
         self.arch = {"kind": "composite", "stage_a": dict(arch["stage_a"])}
         cfg = stage_a_config(self.arch)
         if cfg.flow.kind != "realnvp":
@@ -56,14 +55,12 @@ class CompositeGenerator(nn.Module):
         if int(latent_dim) != cfg.latent_dim:
             raise ValueError(f"latent_dim {latent_dim} differs from the Stage A config's {cfg.latent_dim}")
         self.latent_dim, self.seq_len, self.vocab_size = int(latent_dim), int(seq_len), int(vocab_size)
-        self.mask_token_id = None
         dc = cfg.decoder
-        self.width = dc.width
         self.flow = build_flow(self.latent_dim, cfg.flow)
         self.dec_in = nn.Linear(self.latent_dim, dc.width)
         self.decoder = Transformer(dc.width, dc.depth, dc.heads, dc.ffn)
         self.head = nn.Linear(dc.width + 1, self.vocab_size, bias=False)
-        self._flow_cfg, self._dec_cfg = cfg.flow, dc
+        self._dec_cfg = dc
 
     @torch.no_grad()
     def load_stage_a(self, state: dict) -> None:
@@ -84,13 +81,10 @@ class CompositeGenerator(nn.Module):
 
     def hidden(self, z: torch.Tensor, x_t: Optional[torch.Tensor] = None) -> torch.Tensor:
         """z [B, T, d] -> [B, T, width + 1] (the decoder's hidden state and a constant 1)."""
-        if z.dim() != 3 or z.shape[-1] != self.latent_dim or z.shape[1] > self.seq_len:
-            raise ValueError(f"z must be [B, T<={self.seq_len}, {self.latent_dim}], got {tuple(z.shape)}")
+        check_latents(z, self.seq_len, self.latent_dim)
         z = z.to(self.dec_in.weight.dtype)
         everywhere = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
-        u = self.flow.inverse(z, everywhere)
-        h = self.dec_in(u) + sinusoidal_positions(u.shape[1], self.width, u.device, u.dtype)
-        h = self.decoder(h, safe_key_mask(everywhere))  # as Stage A's decoder_hidden
+        h = decoder_states(self.dec_in, self.decoder, self.flow.inverse(z, everywhere), everywhere)
         return torch.cat([h, torch.ones_like(h[..., :1])], dim=-1)
 
     def forward(self, z: torch.Tensor, x_t: Optional[torch.Tensor] = None) -> torch.Tensor:

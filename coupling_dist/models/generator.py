@@ -46,6 +46,12 @@ def _arch(cfg: Any) -> dict:
     return {k: d[k] for k in ARCH_KEYS}
 
 
+def check_latents(z: torch.Tensor, seq_len: int, latent_dim: int) -> None:
+    """A generator's input must be z [B, T <= seq_len, latent_dim]."""
+    if z.dim() != 3 or z.shape[-1] != latent_dim or z.shape[1] > seq_len:
+        raise ValueError(f"z must be [B, T<={seq_len}, {latent_dim}], got {tuple(z.shape)}")
+
+
 class Generator(nn.Module):
     def __init__(self, cfg: Any, latent_dim: int, seq_len: int, vocab_size: int,
                  mask_token_id: Optional[int] = None):
@@ -71,8 +77,7 @@ class Generator(nn.Module):
 
     def hidden(self, z: torch.Tensor, x_t: Optional[torch.Tensor] = None) -> torch.Tensor:
         """z [B, T, d] (x_t [B, T] long for the masked kind) -> final-normed hidden [B, T, width]."""
-        if z.dim() != 3 or z.shape[-1] != self.latent_dim or z.shape[1] > self.seq_len:
-            raise ValueError(f"z must be [B, T<={self.seq_len}, {self.latent_dim}], got {tuple(z.shape)}")
+        check_latents(z, self.seq_len, self.latent_dim)
         T = z.shape[1]
         x = self.in_proj(z.to(self.in_proj.weight.dtype)) + self.pos_emb[:T]
         if self.tok_emb is not None:

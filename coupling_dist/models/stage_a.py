@@ -62,6 +62,14 @@ LOG_2PI = math.log(2 * math.pi)
 CE_CHUNK_ROWS = 256  # rows of [N_real, V] logits materialised at once (V is ~152k for Qwen)
 
 
+def decoder_states(dec_in: nn.Linear, decoder: Transformer, u: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """The light decoder's hidden states [B, T, width]: input projection + sinusoidal positions,
+    then the transformer over the ``scored`` positions (shared with the composite generator, which
+    must reproduce Stage A's decoder exactly)."""
+    h = dec_in(u) + sinusoidal_positions(u.shape[1], dec_in.out_features, u.device, u.dtype)
+    return decoder(h, safe_key_mask(scored))
+
+
 def build_flow(dim: int, fc) -> nn.Module:
     cls = {"realnvp": RealNVP, "tarflow": TarFlow}.get(fc.kind)
     if cls is None:
@@ -176,8 +184,7 @@ class StageAModel(nn.Module):
         return self.flow.inverse(z, self.scored(mask, z))
 
     def decoder_hidden(self, u: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = self.dec_in(u) + sinusoidal_positions(u.shape[1], self.dec_in.out_features, u.device, u.dtype)
-        return self.decoder(h, safe_key_mask(self.scored(mask, u)))
+        return decoder_states(self.dec_in, self.decoder, u, self.scored(mask, u))
 
     def decode(self, u: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Full logits [B, T, V] (inference/small V; the loss never materialises them all)."""

@@ -27,7 +27,7 @@ import torch
 from ...components.atomic import write_json
 from ...config import Config
 from ...data.dtypes import from_stored
-from ...data.shards import Manifest, read_shard
+from ...data.shards import iter_shards
 from ...data.vocab import CompactVocab
 from ...models.stage_a import source_of_samples
 from .writer import sample_noise
@@ -174,12 +174,11 @@ def format_table(report: dict) -> str:
 
 
 def _read_store(out_dir: str, split: str, limit: int, dtype: str) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
-    man = Manifest.load(out_dir).to_dict()
     keys, zs, toks, masks = [], [], [], []
-    for s in sorted(man["shards"], key=lambda s: s["name"]):
-        if s["split"] != split or len(keys) >= limit:
-            continue
-        for smp in read_shard(os.path.join(out_dir, os.path.basename(s["name"]))):
+    for samples in iter_shards(out_dir, split):
+        if len(keys) >= limit:
+            break
+        for smp in samples:
             if len(keys) >= limit:
                 break
             keys.append(smp["__key__"])
@@ -222,9 +221,10 @@ def build_report(cfg: Config, ctx: dict, model) -> dict:
     # Held-out reconstruction and round trips, on a bounded number of samples.
     n_rt = min(ps.report_samples, 256)
     src = []
-    for e in ctx["plan"]:
-        if e["split"] == held_split and len(src) < n_rt:
-            src += read_shard(os.path.join(ctx["data_dir"], e["name"]))[:n_rt - len(src)]
+    for samples in iter_shards(ctx["data_dir"], held_split):
+        src += samples[:n_rt - len(src)]
+        if len(src) >= n_rt:
+            break
     hkeys, hz, _, _ = _read_store(out_dir, held_split, n_rt, ps.dtype)
     zmap = dict(zip(hkeys, hz)) if hkeys else {}
     dev = next(model.parameters()).device

@@ -45,7 +45,7 @@ OUTPUTS = {  # what each stage leaves for users
     "pair_store": lambda c: os.path.join(paths.pair_store_dir(c), "manifest.json"),
     "stage_b": paths.generator_export,
     "sample": paths.samples_file,
-    "evaluate": paths.eval_results,  # run.dir/eval/
+    "evaluate": paths.eval_results,  # run.dir/eval/results.json
 }
 
 
@@ -184,7 +184,7 @@ def print_results(cfg: Config, written: list[str], n_samples: int = 5) -> None:
         print(f"\nfirst {len(texts)} samples ({samples}):")
         for t in texts:
             print(f"  {t[:160]!r}")
-    results = os.path.join(paths.stage_dir(cfg, "evaluate"), "results.json")
+    results = OUTPUTS["evaluate"](cfg)
     if "evaluate" in written and os.path.isfile(results):
         with open(results, encoding="utf-8") as fh:
             rows = json.load(fh).get("rows", [])
