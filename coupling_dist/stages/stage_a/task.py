@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from ...config import Config
-from ...data.source import check_tokenizer, describe_source
+from ...data.source import describe_source
 from ...data.vocab import CompactVocab, vocab_for
+from ...domains import build_domain
 from ...distributed.parallelize import ParallelDims, parallelize
 from ...models.stage_a import StageAModel
 from ...models.stage_a_export import export_stage_a
@@ -48,7 +49,7 @@ class StageATask:
 
         man = Manifest.load(data_dir)
         info = describe_source(man, data_dir)
-        check_tokenizer(cfg.data.tokenizer, info, data_dir)
+        build_domain(cfg).check_tokenizer(info, data_dir)
         bs = min(cfg.stage_a.train.batch_size, 64)
 
         def stats_batches():
