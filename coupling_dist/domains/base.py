@@ -92,9 +92,25 @@ class Domain:
         """Pictures of a samples file (and of real data) into ``out_dir``; returns their paths."""
         return []
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer_identity()["vocab_size"])
+
+    # ------------------------------------------------------------------ classifier_frechet evaluation
     def feature_tokens(self, tokens: np.ndarray) -> np.ndarray:
-        """Token rows [N, T] in the order the evaluation classifier reads (model order by default)."""
+        """Token rows [N, T] (model order) in the order the evaluation classifier reads."""
         return tokens
+
+    def sample_file_tokens(self, path: str) -> np.ndarray:
+        """A samples file's rows [N, T] in the classifier's order."""
+        raise NotImplementedError
+
+    def inception_images(self, tokens: np.ndarray):
+        """Images [N, H, W] for the standard Inception FID, or None (not images)."""
+        return None
+
+    def write_grid(self, tokens: np.ndarray, path: str) -> None:
+        """A picture of rows in the classifier's order (nothing by default)."""
 
 
 # data.domain -> "module:class" (imported on demand: text never loads the image code and back)

@@ -200,7 +200,16 @@ class BinaryImageDomain(Domain):
         return self.codec
 
     def feature_tokens(self, tokens: np.ndarray) -> np.ndarray:
-        return self.codec.to_raster(tokens)
+        return self.codec.to_raster(tokens)  # raster order: what the digit classifier reads
+
+    def sample_file_tokens(self, path: str) -> np.ndarray:
+        return read_sample_images(path, self.h, self.w).reshape(-1, self.h * self.w).astype(np.int64)
+
+    def inception_images(self, tokens: np.ndarray) -> np.ndarray:
+        return np.asarray(tokens).reshape(-1, self.h, self.w)
+
+    def write_grid(self, tokens: np.ndarray, path: str) -> None:
+        save_grid(np.asarray(tokens).reshape(-1, self.h, self.w), path)
 
     def write_pictures(self, samples_path: str, out_dir: str) -> list[str]:
         """``grid.png``: the first 64 samples (8 x 8); ``real.png``: 64 held-out digits beside them."""
