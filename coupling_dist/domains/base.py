@@ -35,6 +35,8 @@ class Domain:
     metric = "gen_ppl"  # which evaluator stages/evaluate runs (module docstring)
     feature_net: Optional[str] = None  # classifier_frechet: feature_net.build_feature_net kind
     n_classes = 0  # classifier_frechet: label classes of the shards' "label" field
+    # (label, file in run.dir/eval) of what the evaluation writes: the pipeline's closing summary
+    eval_outputs = (("metrics table", "results.csv"), ("frontier plot", "frontier.png"))
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -148,6 +148,7 @@ class BinaryImageDomain(Domain):
     feature_net = "digit2d"
     n_classes = 10
     GRID = 64  # digits per picture (8 x 8)
+    eval_outputs = (("metrics table", "results.csv"), ("results table", "results.md"), ("series pictures", "grids"))
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -240,8 +240,11 @@ class StageAModel(nn.Module):
         ce = h.new_zeros((), dtype=torch.float32)
         correct = torch.zeros((), dtype=torch.float32, device=h.device)
         big = self.vocab_size * CE_CHUNK_ROWS > 4_000_000 and torch.is_grad_enabled()
-        for i in range(0, h.shape[0], CE_CHUNK_ROWS):
-            hc, tc = h[i:i + CE_CHUNK_ROWS], target[i:i + CE_CHUNK_ROWS]
+        # a small vocabulary (binary pixels: V = 2) takes all rows at once: 256-row chunks of
+        # 50k pixel tokens would be ~200 tiny matmuls per step
+        rows = CE_CHUNK_ROWS if big or self.vocab_size >= 1024 else max(CE_CHUNK_ROWS, h.shape[0])
+        for i in range(0, h.shape[0], rows):
+            hc, tc = h[i:i + rows], target[i:i + rows]
             l, c = checkpoint(self._ce_chunk, hc, tc, use_reentrant=False) if big else self._ce_chunk(hc, tc)
             ce, correct = ce + l, correct + c
         return ce, correct

@@ -37,6 +37,7 @@ from typing import Optional
 from ...components import paths, provenance, run_lock
 from ...components.preflight import check_writable
 from ...config import Config, ConfigError, load_config
+from ...domains import build_domain
 
 DIST_STAGES = {"stage_a", "pair_store", "stage_b", "sample"}
 OUTPUTS = {  # what each stage leaves for users
@@ -124,15 +125,12 @@ def final_outputs(cfg: Config, written: list[str]) -> list[tuple[str, str]]:
     """(label, path) of the outputs of the stages in ``written`` (ran, or found complete, in this run):
     with a restricted ``pipeline.stages`` nothing is listed that this run did not make."""
     ev = paths.stage_dir(cfg, "evaluate")
+    # the domain's pictures of its samples (binary images: grid.png, real.png) and its evaluation's files
+    pics = ((paths.read_completion(cfg, "sample") or {}).get("summary") or {}).get("pictures") or []
     table = [("preprocess", "shard set", OUTPUTS["preprocess"](cfg)), ("stage_a", "Stage A export", OUTPUTS["stage_a"](cfg)),
              ("pair_store", "pair store", OUTPUTS["pair_store"](cfg)), ("stage_b", "generator", OUTPUTS["stage_b"](cfg)),
-             ("sample", "samples", OUTPUTS["sample"](cfg)), ("evaluate", "metrics table", os.path.join(ev, "results.csv")),
-             ("evaluate", "frontier plot", os.path.join(ev, "frontier.png"))]
-    # what only some domains write (binary images: sample grid.png / real.png and results.md, no frontier)
-    pics = ((paths.read_completion(cfg, "sample") or {}).get("summary") or {}).get("pictures") or []
-    optional = [("sample", "sample picture", p) for p in pics] + [("evaluate", "results table", os.path.join(ev, "results.md"))]
-    table = [t for t in table if t[1] != "frontier plot" or os.path.exists(t[2])]
-    table += [t for t in optional if os.path.exists(t[2])]
+             ("sample", "samples", OUTPUTS["sample"](cfg))] + [("sample", "sample picture", p) for p in pics]
+    table += [("evaluate", label, os.path.join(ev, name)) for label, name in build_domain(cfg).eval_outputs]
     return [(label, path) for stage, label, path in table if stage in written]
 
 
