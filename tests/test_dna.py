@@ -119,3 +119,14 @@ def test_classifier_and_fbd(genome_windows, split):
     r_held, r_fact = dna_report(held_w, train, net), dna_report(fact, train, net)
     assert 0 < r_held["fbd"] < r_fact["fbd"] / 10
     assert r_held["kmer_js_mean"] < r_fact["kmer_js_mean"] and dna_report(held_w, train)["fbd"] is None
+
+
+def test_missing_asset_names_the_package(monkeypatch, tmp_path):
+    import coupling_dist.data.genomes as genomes
+
+    monkeypatch.setenv("COUPLING_DIST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(genomes, "SYSTEM_EXAMPLES", str(tmp_path / "none"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no apt-get
+    with pytest.raises(GenomeAssetError, match="'apt-get' not found.*'sibelia-examples'"):
+        genome_asset_dir()
+    assert not (tmp_path / "cache" / "sibelia-examples").exists()  # nothing half-built is left
