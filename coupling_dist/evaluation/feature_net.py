@@ -1,0 +1,214 @@
+"""Small classifiers whose penultimate layer is the feature space of a Fréchet distance.
+
+The paper scores MNIST-Binary by FID and Fly Brain DNA by FBD (the Fréchet distance in a frozen
+classifier's embedding). Neither the Inception weights nor the DeepFlyBrain classifier can be
+fetched here, so each domain trains its own small classifier on real data and freezes it:
+
+- ``digit2d``: a CNN on square binary images given as token ids [N, side*side] (raster order);
+- ``seq1d``: a 1-D CNN over one-hot tokens [N, L] (DNA: vocab 4, L 500) with global max + mean
+  pooling, so any length >= its receptive field works.
+
+Both take token ids (one-hot inside, so a token id never acts as a magnitude), expose
+``features(tokens) -> [N, num_features]`` (the penultimate layer, after its ReLU, like Inception's
+pool features) and ``forward -> logits``. ``train_feature_net`` is deterministic for a seed on CPU
+(initialisation, the held-out split and the batch order all come from it). ``save_feature_net`` /
+``load_feature_net`` write / read ``model.safetensors`` + ``feature_net.json`` atomically.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..components.atomic import write_dir
+
+KINDS = ("digit2d", "seq1d")
+WEIGHTS = "model.safetensors"
+META = "feature_net.json"
+NUM_FEATURES = 128
+
+
+def as_token_tensor(tokens, vocab: int, length: Optional[int] = None) -> torch.Tensor:
+    """Token ids (tensor / array / nested list) as int64 [N, L], checked against the vocabulary."""
+    t = tokens.long() if torch.is_tensor(tokens) else torch.tensor(np.asarray(tokens), dtype=torch.long)
+    if t.dim() != 2:
+        raise ValueError(f"expected token ids of shape [N, L], got {tuple(t.shape)}")
+    if length is not None and t.shape[1] != length:
+        raise ValueError(f"expected sequences of length {length}, got {t.shape[1]}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
+        raise ValueError(f"token ids must lie in [0, {vocab}); got range [{int(t.min())}, {int(t.max())}]")
+    return t
+
+
+class Digit2D(nn.Module):
+    """conv(3x3, 32) -> pool -> conv(3x3, 64) -> pool -> fc(128) [features] -> fc(n_classes)."""
+
+    kind = "digit2d"
+
+    def __init__(self, n_classes: int, vocab: int = 2, length: int = 784):
+        super().__init__()
+        side = math.isqrt(length)
+        if side * side != length or side % 4:
+            raise ValueError(f"digit2d needs a square image whose side is a multiple of 4; length {length} is not")
+        self.n_classes, self.vocab, self.length, self.side = n_classes, vocab, length, side
+        self.num_features = NUM_FEATURES
+        self.conv1 = nn.Conv2d(vocab, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.fc = nn.Linear(64 * (side // 4) ** 2, NUM_FEATURES)
+        self.head = nn.Linear(NUM_FEATURES, n_classes)
+
+    def features(self, tokens) -> torch.Tensor:
+        t = as_token_tensor(tokens, self.vocab, self.length).to(self.fc.weight.device)
+        x = F.one_hot(t, self.vocab).to(self.fc.weight.dtype)  # [N, L, V]
+        x = x.transpose(1, 2).reshape(len(t), self.vocab, self.side, self.side)
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return F.relu(self.fc(x.flatten(1)))
+
+    def forward(self, tokens) -> torch.Tensor:
+        return self.head(self.features(tokens))
+
+
+class Seq1D(nn.Module):
+    """Three conv1d(k=9) blocks (32, 64, 128 channels; max-pool 4 after the first two), global max
+    and mean pooling, fc(128) [features] -> fc(n_classes)."""
+
+    kind = "seq1d"
+
+    def __init__(self, n_classes: int, vocab: int = 4, length: int = 500):
+        super().__init__()
+        if length < 9 * 16:
+            raise ValueError(f"seq1d needs sequences of length >= 144 (its receptive field); got {length}")
+        self.n_classes, self.vocab, self.length = n_classes, vocab, length
+        self.num_features = NUM_FEATURES
+        self.conv1 = nn.Conv1d(vocab, 32, 9, padding=4)
+        self.conv2 = nn.Conv1d(32, 64, 9, padding=4)
+        self.conv3 = nn.Conv1d(64, 128, 9, padding=4)
+        self.fc = nn.Linear(2 * 128, NUM_FEATURES)
+        self.head = nn.Linear(NUM_FEATURES, n_classes)
+
+    def features(self, tokens) -> torch.Tensor:
+        t = as_token_tensor(tokens, self.vocab).to(self.fc.weight.device)
+        x = F.one_hot(t, self.vocab).to(self.fc.weight.dtype).transpose(1, 2)  # [N, V, L]
+        x = F.max_pool1d(F.relu(self.conv1(x)), 4)
+        x = F.max_pool1d(F.relu(self.conv2(x)), 4)
+        x = F.relu(self.conv3(x))
+        pooled = torch.cat([x.amax(dim=2), x.mean(dim=2)], dim=1)
+        return F.relu(self.fc(pooled))
+
+    def forward(self, tokens) -> torch.Tensor:
+        return self.head(self.features(tokens))
+
+
+def build_feature_net(kind: str, n_classes: int, vocab: int, length: int, seed: int = 0) -> nn.Module:
+    """A freshly initialised classifier; the initial weights depend only on ``seed``."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown feature net kind '{kind}' (known: {', '.join(KINDS)})")
+    if n_classes < 2 or vocab < 2:
+        raise ValueError(f"a feature net needs n_classes >= 2 and vocab >= 2 (got {n_classes}, {vocab})")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = (Digit2D if kind == "digit2d" else Seq1D)(n_classes, vocab, length)
+    return net
+
+
+def _reinit(net: nn.Module, seed: int) -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in net.modules():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+                m.reset_parameters()
+
+
+@torch.no_grad()
+def accuracy(net: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
+    if not len(tokens):
+        return float("nan")
+    was = net.training
+    net.eval()
+    hits = sum(int((net(tokens[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
+               for i in range(0, len(tokens), batch_size))
+    net.train(was)
+    return hits / len(tokens)
+
+
+def train_feature_net(net: nn.Module, tokens, labels, steps: int, seed: int, batch_size: int = 128,
+                      lr: float = 1e-3, heldout_fraction: float = 0.1, weight_decay: float = 1e-4) -> dict:
+    """Train ``net`` in place with AdamW on cross-entropy; left in eval mode.
+
+    The weights are re-initialised from ``seed`` first, and a ``heldout_fraction`` of the examples
+    (a seeded permutation) is kept out of training to measure accuracy, so the same (data, seed)
+    gives bit-identical weights on CPU. Returns {heldout_acc, train_acc, steps, n_train, n_heldout}
+    (train_acc on at most 5,000 training examples)."""
+    t = as_token_tensor(tokens, net.vocab)
+    y = labels.long() if torch.is_tensor(labels) else torch.tensor(np.asarray(labels), dtype=torch.long)
+    if len(y) != len(t):
+        raise ValueError(f"{len(t)} token rows but {len(y)} labels")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= net.n_classes):
+        raise ValueError(f"labels must lie in [0, {net.n_classes}); got range [{int(y.min())}, {int(y.max())}]")
+    if not 0 <= heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must lie in [0, 1); got {heldout_fraction}")
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(t), generator=gen)
+    n_held = int(round(heldout_fraction * len(t)))
+    held, train = perm[:n_held], perm[n_held:]
+    if len(train) < 1:
+        raise ValueError("no training examples left after the held-out split")
+    _reinit(net, seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    net.train()
+    order = torch.empty(0, dtype=torch.long)
+    for _ in range(steps):
+        if len(order) < batch_size:  # epochs of seeded permutations, a batch never spans two
+            order = train[torch.randperm(len(train), generator=gen)]
+        idx, order = order[:batch_size], order[batch_size:]
+        loss = F.cross_entropy(net(t[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    net.eval()
+    tr = train[:5000]
+    return dict(heldout_acc=accuracy(net, t[held], y[held]), train_acc=accuracy(net, t[tr], y[tr]),
+                steps=steps, n_train=len(train), n_heldout=n_held)
+
+
+def save_feature_net(net: nn.Module, out_dir: str, meta: Optional[dict] = None) -> str:
+    """``out_dir``/model.safetensors + feature_net.json (the architecture and ``meta``), swapped in atomically."""
+    from safetensors.torch import save_file
+
+    arch = dict(kind=net.kind, n_classes=net.n_classes, vocab=net.vocab, length=net.length)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+
+    def write(tmp: str) -> None:
+        save_file(state, os.path.join(tmp, WEIGHTS))
+        with open(os.path.join(tmp, META), "w", encoding="utf-8") as fh:
+            json.dump(dict(arch=arch, meta=meta or {}), fh, indent=2, sort_keys=True, default=str)
+            fh.write("\n")
+
+    return write_dir(out_dir, write)
+
+
+def load_feature_net(path: str) -> nn.Module:
+    """The frozen classifier saved by ``save_feature_net`` (eval mode; its meta dict as ``.meta``)."""
+    from safetensors.torch import load_file
+
+    meta_path, weights = os.path.join(path, META), os.path.join(path, WEIGHTS)
+    for p in (meta_path, weights):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{p} not found: not a feature net directory (written by save_feature_net)")
+    with open(meta_path, encoding="utf-8") as fh:
+        doc = json.load(fh)
+    try:
+        arch = doc["arch"]
+        net = build_feature_net(arch["kind"], arch["n_classes"], arch["vocab"], arch["length"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{meta_path}: missing or bad 'arch' entry ({e})") from None
+    net.load_state_dict(load_file(weights))
+    net.meta = doc.get("meta", {})
+    return net.eval()
