@@ -97,7 +97,7 @@ def count_corpus(cfg: Config) -> tuple[int, str]:
     how = (f"estimated from the sentences in the first {St.human(SAMPLE_BYTES)} of {len(estimated)} large file(s)"
            if estimated else "counted in the corpus")
     if d.max_samples and n > d.max_samples:
-        return d.max_samples, f"data.max_samples (the corpus has more: {how})"
+        return d.max_samples, f"(data.max_samples; the corpus has more, {how})"
     return n, f"{how} ({len(files)} file(s))"
 
 
