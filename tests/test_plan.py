@@ -109,6 +109,22 @@ def test_disk_check_refuses_naming_path_need_free_and_the_override(tmp_path, mon
         check_disk(cfg, "preprocess", samples=2613, show=False)
 
 
+def test_corpus_count_exact_and_estimated(tmp_path, monkeypatch):
+    """Small files are counted as preprocess reads them (blank lines are no samples); large ones
+    are estimated from their first bytes; data.max_samples caps the count."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"sentence number {i} of the corpus\n" + ("\n" if i % 10 == 0 else "")
+                              for i in range(3000)))
+    cfg = demo_cfg(tmp_path, f"data.corpus={corpus}")
+    assert run_plan.count_corpus(cfg) == (3000, "counted in the corpus (1 file(s))")
+    monkeypatch.setattr(run_plan, "EXACT_BYTES", 1000)
+    monkeypatch.setattr(run_plan, "SAMPLE_BYTES", 20_000)
+    n, how = run_plan.count_corpus(cfg)
+    assert abs(n - 3000) < 150 and how.startswith  # early lines are a little shorter here("estimated from the sentences in the first 20.00 kB")
+    n, how = run_plan.count_corpus(demo_cfg(tmp_path, f"data.corpus={corpus}", "data.max_samples=100"))
+    assert n == 100 and "data.max_samples" in how
+
+
 def test_paper_plan_without_the_corpus(capsys, tmp_path):
     """The paper's LM1B run, its corpus and hub models absent: --samples, the built-in configs, a
     table with GPU-hours; without --samples one clear error."""
@@ -121,7 +137,7 @@ def test_paper_plan_without_the_corpus(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "corpus not found" in out and "using --samples 30,000,000" in out
     assert "Qwen/Qwen2.5-0.5B: config not loadable here" in out and "built-in table" in out
-    assert "0.85 epochs" in out and "GPU-hours" in out and "checkpoints in bf16" in out
+    assert "0.85 epochs" in out and "GPU-hours" in out and "precision auto = bf16" in out
     cfg = load_config(PAPER, [f"run.dir={tmp_path}"])
     plan = build_plan(cfg, PAPER, samples=30_000_000, accelerator=True)
     arts = _by_name(plan)

@@ -70,7 +70,7 @@ class Plan:
     config: str
     samples: int
     seq_len: int
-    precision: str
+    precision: str  # what train.precision "auto" means in this plan
     artifacts: list = field(default_factory=list)
     compute: list = field(default_factory=list)
     notes: list = field(default_factory=list)
@@ -132,8 +132,7 @@ class Planner:
         self.data = data_dir(cfg)
         self.source = Manifest.load(self.data) if os.path.isfile(Manifest.path(self.data)) else None
         self.T = self.source.seq_len if self.source else cfg.data.seq_len
-        prec = {cfg.stage_a.train.precision, cfg.stage_b.train.precision} - {"auto"}
-        self.precision = prec.pop() if len(prec) == 1 else ("bf16" if accelerator else "fp32")
+        self.auto_precision = "bf16" if accelerator else "fp32"  # the trainer's "auto": bf16 on CUDA
         self._samples_arg = samples
         self._cache: dict = {}
 
@@ -300,7 +299,8 @@ class Planner:
             (dt, shape), = self.features_spec().values()
             feats = St.measure_shard(self.data, dict(specs, features=(dt, shape))).get("features") \
                 or self.float_size("features", dt, shape)
-            stored = f"{dt} [{T}, {shape[1]}] zstd-compressed to {feats.ratio:.2f} of raw, {St.human(feats.member * self.n)}"
+            stored = (f"{dt} [{T}, {shape[1]}] zstd-compressed to {feats.ratio:.2f} of raw, "
+                      f"{St.human(feats.member * self.n)}")
             self._note(f"features: not stored (stage_a.online_encoder=true: the encoder runs in Stage A and the pair "
                        f"store); stored they would take {stored}" if self.online else
                        f"features: stored, {stored} of the shard set; stage_a.online_encoder=true would store none "
@@ -316,10 +316,11 @@ class Planner:
 
     def _train_artifacts(self, stage: str, params: int, export_params: int, export_dir: str) -> list:
         t = getattr(self.cfg, stage).train
-        one = St.checkpoint_bytes(params, self.precision, t.ema_decay is not None)
+        precision = self.auto_precision if t.precision == "auto" else t.precision
+        one = St.checkpoint_bytes(params, precision, t.ema_decay is not None)
         kept, peak = _checkpoints(t.steps, t.ckpt_interval, t.keep_last)
         return [Artifact(stage, f"checkpoints ({kept} kept)", os.path.join(stage_dir(self.cfg, stage), "checkpoints"),
-                         kept * one, f"{params:,} params x {one / params:.0f} B ({self.precision} module + fp32 Adam"
+                         kept * one, f"{params:,} params x {one / params:.0f} B ({precision} module + fp32 Adam"
                          f"{' + EMA' if t.ema_decay else ''}); {peak} on disk while saving", peak * one),
                 Artifact(stage, "export", export_dir, St.export_bytes(export_params), "fp32 weights")]
 
@@ -448,7 +449,7 @@ STAGES = ("preprocess", "stage_a", "pair_store", "stage_b", "sample", "evaluate"
 
 def build_plan(cfg: Config, config_path: str = "", samples: Optional[int] = None, accelerator: bool = False) -> Plan:
     p = Planner(cfg, samples, accelerator)
-    plan = Plan(config_path, 0, p.T, p.precision)
+    plan = Plan(config_path, 0, p.T, p.auto_precision)
     for stage in STAGES:
         arts, comp = getattr(p, stage)()
         plan.artifacts += arts

@@ -29,7 +29,7 @@ def _duration(seconds: float) -> str:
 
 
 def format_plan(plan: Plan, gpus: int, peak: float | None, mfu: float) -> str:
-    out = [f"plan for {plan.config}: {plan.samples:,} samples, seq_len {plan.seq_len}, checkpoints in "
+    out = [f"plan for {plan.config}: {plan.samples:,} samples, seq_len {plan.seq_len}, precision auto = "
            f"{plan.precision}"]
     out += [f"  - {n}" for n in plan.notes]
     out += ["", f"{'stage':<11} {'artifact':<22} {'bytes':>10} {'peak':>10}  path"]
