@@ -39,6 +39,7 @@ from . import storage as St
 EXACT_BYTES = 256 * 10**6  # text / JSONL files up to this size are counted exactly
 SAMPLE_BYTES = 16 * 10**6  # larger ones: sentences per byte in their first 16 MB
 TOKEN_ROWS = 256  # corpus rows tokenized for the tokens / mask stand-ins
+SCAN_SAMPLES = 200_000  # data.vocab=corpus: up to this many samples, the compact vocabulary is collected
 IGNORE_KEY = "run.ignore_disk_check"
 WRITES = {"preprocess": "data.out_dir", "stage_a": "run.dir", "pair_store": "run.dir"}  # stage -> where to point
 
@@ -212,14 +213,42 @@ class Planner:
 
     def head_vocab(self) -> int:
         """Stage A's head: the tokenizer's vocabulary, or under ``data.vocab: corpus`` the ids the
-        shard set uses (``vocab.json``; before preprocessing, the full vocabulary as an upper bound)."""
-        if self.cfg.data.vocab == "corpus":
-            path = os.path.join(self.data, "vocab.json")
-            if os.path.isfile(path):
-                with open(path, encoding="utf-8") as fh:
-                    return len(json.load(fh)["ids"])
-            self._note("data.vocab=corpus: the compact vocabulary is not built yet; heads planned at the full "
-                       "vocabulary (an upper bound)")
+        shard set uses (``data/vocab.py``): its ``vocab.json`` once Stage A built it; else the same set
+        collected read-only, from the shards or (before preprocessing) by tokenizing the corpus as
+        preprocess does, when it holds at most ``SCAN_SAMPLES`` sentences; else the full vocabulary
+        (an upper bound)."""
+        return self._once("head_vocab", self._head_vocab)
+
+    def _head_vocab(self) -> int:
+        if self.cfg.data.vocab != "corpus":
+            return self.tok_vocab()
+        path = os.path.join(self.data, "vocab.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                return len(json.load(fh)["ids"])
+        ids: Optional[set] = None
+        if self.n <= SCAN_SAMPLES and self.source is not None:
+            from ..data.shards import iter_shards
+
+            ids = {int(t) for samples in iter_shards(self.data, fields=["tokens"]) for smp in samples
+                   for t in np.unique(smp["tokens"])}
+            tok = self.source.tokenizer or {}
+            ids |= {int(tok[k]) for k in ("eos_id", "pad_id") if tok.get(k) is not None}
+        elif self.n <= SCAN_SAMPLES and self.tokenize:
+            tok, _ = A.load_tokenizer(self.cfg.data.tokenizer)
+            try:
+                files = assets.resolve_corpus(self.cfg.data.corpus)
+                texts = list(C.iter_corpus(files, self.cfg.data.format, self.cfg.data.text_field, limit=self.n))
+            except (FileNotFoundError, ValueError, OSError):
+                texts = []
+            if tok is not None and texts:
+                ids = {i for row in tok(texts, add_special_tokens=False)["input_ids"] for i in row[:self.T]}
+                ids |= {int(tok.eos_token_id), int(tok.pad_token_id)}
+        if ids:
+            self._note(f"data.vocab=corpus: {len(ids):,} ids in the corpus (collected as data/vocab.py does)")
+            return len(ids)
+        self._note("data.vocab=corpus: the compact vocabulary is not known before preprocessing this corpus; "
+                   "heads planned at the full vocabulary (an upper bound)")
         return self.tok_vocab()
 
     def stage_a_model(self):
@@ -295,6 +324,9 @@ class Planner:
         if not self.online:
             specs.update(self.features_spec())
         art = self._shard_set("preprocess", "shard set", self.data, specs, self.token_sizes())
+        if self.cfg.data.vocab == "corpus":  # Stage A caches the compact vocabulary beside the manifest
+            art.bytes += St.ids_json_bytes(self.head_vocab())
+            art.note += "; vocab.json"
         if self.features_spec():
             (dt, shape), = self.features_spec().values()
             feats = St.measure_shard(self.data, dict(specs, features=(dt, shape))).get("features") \
@@ -322,7 +354,12 @@ class Planner:
         return [Artifact(stage, f"checkpoints ({kept} kept)", os.path.join(stage_dir(self.cfg, stage), "checkpoints"),
                          kept * one, f"{params:,} params x {one / params:.0f} B ({precision} module + fp32 Adam"
                          f"{' + EMA' if t.ema_decay else ''}); {peak} on disk while saving", peak * one),
-                Artifact(stage, "export", export_dir, St.export_bytes(export_params), "fp32 weights")]
+                Artifact(stage, "export", export_dir, St.export_bytes(export_params, self._export_ids()),
+                         "fp32 weights + config.json")]
+
+    def _export_ids(self) -> int:
+        """Tokenizer ids an export's config.json lists (the compact vocabulary), else 0."""
+        return self.head_vocab() if self.cfg.data.vocab == "corpus" else 0
 
     def _train_compute(self, stage: str, fps: float, extra_fwd: float, what: str) -> Compute:
         """Training FLOPs: (fps + frozen forward per sample) x batch x steps, plus the held-out
@@ -430,8 +467,9 @@ class Planner:
         if not compute:
             return [], []
         scorer = A.lm_shape(e.scorer)
-        if scorer is None:
-            raise PlanError(f"evaluate.scorer {e.scorer!r}: config not loadable here and not built in")
+        if scorer is None:  # a negligible stage: say so rather than refuse the whole plan
+            self._note(f"evaluate.scorer {e.scorer!r}: config not loadable here and not built in; evaluate not planned")
+            return [], []
         if scorer.source != "config":
             self._note(scorer.source)
         gen, _, _ = self.generator()
