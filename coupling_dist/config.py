@@ -52,6 +52,9 @@ class RunConfig:
     seed: int = _f(0, ge=0)
     log_interval: int = _f(10, gt=0)  # steps between structured log lines
     progress: bool = True  # tqdm progress bars on rank 0
+    # preprocess / stage_a / pair_store refuse to start when the bytes they plan to write exceed the
+    # target's free space (planning/run_plan.check_disk); true: warn and start anyway
+    ignore_disk_check: bool = False
     wandb: WandbConfig = _f(factory=WandbConfig)
 
 

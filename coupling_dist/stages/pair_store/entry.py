@@ -25,6 +25,7 @@ from ...components.paths import stage_dir
 from ...config import Config
 from ...data.shard_job import ShardJob
 from ...data.vocab import CompactVocab
+from ...planning.run_plan import check_disk
 from ...models.stage_a_export import load_stage_a
 from ...components.assets import load_causal_lm
 from ...models.teacher import cache_fields, teacher_dtype
@@ -95,6 +96,7 @@ def rank_main(cfg: Config) -> dict:
     rank, world = info["rank"], info["world"]
     setup_logging(stage_dir(cfg, "pair_store"), rank)
     ctx = prepare(cfg)  # every rank refuses a mismatched artifact before any work
+    check_disk(cfg, "pair_store", show=rank == 0)  # the store fits the disk
     model, _ = load_stage_a(ctx["artifact"], pick_device(cfg))  # loaded once: the report reuses it
     ps = cfg.pair_store
     cache = None

@@ -26,6 +26,7 @@ from ...components.paths import data_dir
 from ...config import Config, ConfigError
 from ...data import shards as S
 from ...data.shard_job import ShardJob
+from ...planning.run_plan import check_disk
 from .plan import (PreprocessError, build_settings, check_existing, count_samples, fingerprint, iter_tasks,
                    make_plan)
 from .worker import ShardWorker
@@ -72,6 +73,7 @@ def preprocess(cfg: Config) -> str:
     if n == 0:
         raise ConfigError(f"'data.corpus' = {cfg.data.corpus!r}: no non-empty sentences in {files}")
     plan, held = make_plan(n, cfg.data.heldout_fraction, cfg.data.shard_size, set_fp)
+    check_disk(cfg, "preprocess", samples=n)  # prints the bytes to write; refuses when they do not fit
     done, pending = job.collect((e["name"], e["fingerprint"]) for e in plan)
     log.info("%d sentences -> %d shards (%d train, %d heldout samples); %d done, %d to write", n, len(plan),
              int((~held).sum()), int(held.sum()), len(done), len(pending))
