@@ -58,7 +58,8 @@ def shard_sets(tmp_path_factory):
 
 
 def _samples(data_dir: str) -> dict:
-    return {s["__key__"]: s for split in ("train", "heldout") for batch in S.iter_shards(data_dir, split) for s in batch}
+    return {s["__key__"]: s for split in ("train", "heldout")
+            for batch in S.iter_shards(data_dir, split) for s in batch}
 
 
 def test_online_features_equal_the_stored_ones(shard_sets):

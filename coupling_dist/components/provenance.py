@@ -47,8 +47,9 @@ STALE = ".stale-"  # <stage dir>.stale-<time>: a directory moved aside before a 
 _TRAIN_HOW = ("ckpt_interval", "keep_last", "eval_interval", "eval_batches", "resume", "peak_flops",
               "activation_checkpointing", "offload_optimizer", "zero_stage")
 CONFIG_KEYS = {
-    "preprocess": (("data.", "encoder.", "stage_a.online_encoder"), ("data.corpus", "data.out_dir", "data.verify_existing", "data.vocab",
-                                           "encoder.batch_size", "encoder.device")),
+    "preprocess": (("data.", "encoder.", "stage_a.online_encoder"),
+                   ("data.corpus", "data.out_dir", "data.verify_existing", "data.vocab", "encoder.batch_size",
+                    "encoder.device")),
     "stage_a": (("run.seed", "data.vocab", "stage_a."), ("stage_a.ray_workers",)
                 + tuple(f"stage_a.train.{k}" for k in _TRAIN_HOW)),
     "pair_store": (("run.seed", "pair_store."), ("pair_store.artifact", "pair_store.ray_workers", "pair_store.device")),

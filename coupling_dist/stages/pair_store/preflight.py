@@ -1,7 +1,7 @@
 """Pair-store pre-flight: everything a rank needs, validated before any work (pure reads, so every
 rank -- and the Ray driver -- may call ``prepare``). The Stage A artifact must fit the source shards
-(tokenizer, seq_len, feature width, the full encoder identity, vocabulary); otherwise ``PreflightError`` names both sides.
-Token-only shards preprocessed under ``stage_a.online_encoder`` record the same encoder identity as
+(tokenizer, seq_len, feature width, the full encoder identity, vocabulary); otherwise ``PreflightError`` names both
+sides. Token-only shards preprocessed under ``stage_a.online_encoder`` record the same encoder identity as
 stored features would, so an artifact trained either way fits either kind of shard set; with
 token-only shards the ranks compute the features per batch (``online``), after checking that the
 config's ``encoder`` section is the one the shards record."""

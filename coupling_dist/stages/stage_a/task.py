@@ -98,7 +98,8 @@ class StageATask:
         if self.online and self.encoder is None:
             self.encoder = build_online_features(self.cfg, D.device())
         if self._stats is None and self._stats_batches is not None:
-            self._stats = StageAModel.estimate_feature_stats((self.features(b).cpu(), m) for b, m in self._stats_batches)
+            batches = ((self.features(b).cpu(), m) for b, m in self._stats_batches)
+            self._stats = StageAModel.estimate_feature_stats(batches)
         if self._stats is not None:
             model.set_feature_stats(*self._stats)
         # no tensor parallelism for Stage A: the shared layout function applies activation checkpointing
