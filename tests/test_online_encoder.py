@@ -168,3 +168,15 @@ def test_pair_store_latents_are_the_same_both_ways(shard_sets, stage_a_runs, tmp
         ctx = prepare(demo_cfg(tmp_path, f"data.out_dir={data}", "encoder.dtype=float32", *extra,
                                f"pair_store.artifact={os.path.join(art, 'stage_a', 'export')}"))
         assert ctx["online"] == bool(extra)
+
+
+def test_provenance_records_the_online_encoder(tmp_path):
+    from coupling_dist.components.provenance import config_record
+
+    on, off = demo_cfg(tmp_path, ONLINE), demo_cfg(tmp_path)
+    assert config_record(on, "preprocess")["stage_a.online_encoder"] is True
+    assert config_record(off, "preprocess")["stage_a.online_encoder"] is False
+    for stage in ("stage_a", "pair_store"):
+        rec = config_record(on, stage)
+        assert rec["encoder.model"] == "tiny:qwen2" and rec["encoder.layer"] == -1 and len(rec["encoder.identity"]) == 16
+        assert "encoder.model" not in config_record(off, stage)  # stored features: the shard set covers it
