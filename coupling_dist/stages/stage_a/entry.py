@@ -25,7 +25,8 @@ def train(cfg: Config) -> dict:
     setup_logging(stage_dir(cfg, "stage_a"), info["rank"])
     task = preflight(cfg)
     check_disk(cfg, "stage_a", show=D.is_main())  # checkpoints + export fit the disk (every rank checks its own)
-    fields = (["features"] if task.feature_dim else []) + ["tokens", "mask"]  # no features: token embedding
+    # no stored features: the token embedding, or the frozen encoder run per batch (online)
+    fields = (["features"] if task.feature_dim and not task.online else []) + ["tokens", "mask"]
     loaders = build_loaders(data_dir(cfg), fields, cfg.stage_a.train.batch_size, cfg,
                             D.rank(), D.world_size())
     summary, _ = train_and_export(cfg, "stage_a", task, loaders, stage_a_export(cfg),
