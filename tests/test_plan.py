@@ -116,7 +116,8 @@ def test_paper_plan_without_the_corpus(capsys, tmp_path):
     assert "corpus not found" in out and "using --samples 30,000,000" in out
     assert "Qwen/Qwen2.5-0.5B: config not loadable here" in out and "built-in table" in out
     assert "0.85 epochs" in out and "GPU-hours" in out and "precision auto = bf16" in out
-    cfg = load_config(PAPER, [f"run.dir={tmp_path}"])
+    # the features precomputed (the paper config's default is the online encoder)
+    cfg = load_config(PAPER, [f"run.dir={tmp_path}", "stage_a.online_encoder=false"])
     plan = build_plan(cfg, PAPER, samples=30_000_000, accelerator=True)
     arts = _by_name(plan)
     shard_set = arts["preprocess", "shard set"].bytes
@@ -127,7 +128,7 @@ def test_paper_plan_without_the_corpus(capsys, tmp_path):
     assert 2.6e18 < comp["preprocess"].flops < 3.0e18
     assert comp["stage_a"].steps == 200_000
 
-    # the online encoder (stage_a.online_encoder, read with getattr): no stored features, the encoder's
+    # the online encoder (stage_a.online_encoder): no stored features, the encoder's
     # forward pass moves into Stage A (every training sample) and the pair store (every sample)
     cfg.stage_a.online_encoder = True
     online = build_plan(cfg, PAPER, samples=30_000_000, accelerator=True)

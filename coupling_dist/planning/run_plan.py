@@ -129,7 +129,7 @@ class Planner:
     def __init__(self, cfg: Config, samples: Optional[int] = None, accelerator: bool = False,
                  tokenize: bool = True):
         self.cfg, self.notes, self.tokenize = cfg, [], tokenize
-        self.online = bool(getattr(cfg.stage_a, "online_encoder", False))
+        self.online = cfg.stage_a.online_encoder
         self.data = data_dir(cfg)
         self.source = Manifest.load(self.data) if os.path.isfile(Manifest.path(self.data)) else None
         self.T = self.source.seq_len if self.source else cfg.data.seq_len
