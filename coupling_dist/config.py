@@ -60,6 +60,8 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
+    # what a sample is (coupling_dist/domains/): text (tokenizer ids), binary_image (0/1 pixels), dna
+    domain: str = _f("text", choices=("text", "binary_image", "dna"))
     corpus: Union[str, list] = "asset:lee-corpus"  # file, glob or list of either
     format: str = _f("auto", choices=("auto", "text", "jsonl", "parquet"))
     text_field: str = "text"
@@ -150,6 +152,10 @@ class StageAConfig:
     latent_dim: int = _f(16, gt=0)
     noise_scale: float = _f(0.2, gt=0)  # dequantization sigma
     learned_logvar: bool = False
+    # tokens per latent position: the encoder maps k consecutive token embeddings to one latent
+    # position, the decoder (and Stage B's generator) emit k tokens' logits per position, so the
+    # latent is [T / k, d] (binary images: 16 = one 4x4 pixel patch, a 7x7 grid for 28x28 digits)
+    patch: int = _f(1, gt=0)
     # "encoded" (the paper, Algorithm 1 / Eq. 2): every one of the T positions, pads included, is
     # encoded, flowed (no mask), and scored by KL, flow NLL and reconstruction, so z carries the
     # length. "passthrough": our earlier design, kept as an ablation: pads are plain noise that
@@ -268,6 +274,9 @@ class EvaluateConfig:
     stage_a_series: bool = True  # also sweep the Stage-A-only sampler (needs run.dir/stage_a/export)
     factorized_series: bool = True  # also score the factorized baseline (per-position marginals of the shards)
     sweep: bool = True  # draw and score samples for every sweep setting (needs the export)
+    # classifier-Frechet domains (binary_image): training steps of the evaluation classifier whose
+    # penultimate features replace Inception's (evaluation/feature_net.py; cached in run.dir/eval)
+    classifier_steps: int = _f(1500, gt=0)
 
 
 @dataclass
@@ -484,6 +493,16 @@ def _cross_checks(cfg: Config, where: str) -> None:
             raise ConfigError(f"{where}: '{sec}.train.betas' must be two numbers in [0, 1)")
         if t.warmup_steps > t.steps:
             raise ConfigError(f"{where}: '{sec}.train.warmup_steps' ({t.warmup_steps}) exceeds '{sec}.train.steps' ({t.steps})")
+    k = a.patch
+    if k > 1:
+        if cfg.data.seq_len % k:
+            raise ConfigError(f"{where}: 'stage_a.patch' ({k}) must divide 'data.seq_len' ({cfg.data.seq_len})")
+        if a.pad_positions != "encoded":
+            raise ConfigError(f"{where}: 'stage_a.patch' > 1 needs 'stage_a.pad_positions: encoded' (a latent position "
+                              f"covers {k} tokens, so it cannot pass pads through one by one)")
+        if m.kind == "masked":
+            raise ConfigError(f"{where}: 'stage_b.model.kind: masked' reads x_t per token; it does not support "
+                              f"'stage_a.patch' > 1 (use onestep or composite)")
     bad = [s for s in cfg.pipeline.stages if s not in PIPELINE_STAGES]
     if bad:
         raise ConfigError(f"{where}: 'pipeline.stages' has unknown stage {bad[0]!r} (stages: {list(PIPELINE_STAGES)})")

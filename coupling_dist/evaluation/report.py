@@ -70,14 +70,15 @@ def write_results(out_dir: str, results: dict) -> str:
     return path
 
 
-def write_csv(out_dir: str, rows: list[dict]) -> str:
+def write_csv(out_dir: str, rows: list[dict], columns: Optional[list] = None) -> str:
     path = os.path.join(out_dir, "results.csv")
+    columns = columns or CSV_COLUMNS  # another metric's columns (stages/evaluate/classifier_frechet.py)
 
     def w(fh):
-        wr = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        wr = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         wr.writeheader()
         for r in rows:
-            wr.writerow({k: _clean(r.get(k)) for k in CSV_COLUMNS})
+            wr.writerow({k: _clean(r.get(k)) for k in columns})
 
     write_with(path, w)
     return path

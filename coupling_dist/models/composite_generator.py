@@ -55,17 +55,19 @@ class CompositeGenerator(nn.Module):
         if int(latent_dim) != cfg.latent_dim:
             raise ValueError(f"latent_dim {latent_dim} differs from the Stage A config's {cfg.latent_dim}")
         self.latent_dim, self.seq_len, self.vocab_size = int(latent_dim), int(seq_len), int(vocab_size)
+        self.patch = int(cfg.patch)  # tokens per latent position (Stage A's stage_a.patch)
         dc = cfg.decoder
         self.flow = build_flow(self.latent_dim, cfg.flow)
         self.dec_in = nn.Linear(self.latent_dim, dc.width)
         self.decoder = Transformer(dc.width, dc.depth, dc.heads, dc.ffn)
+        self.unpatch = nn.Linear(dc.width, self.patch * dc.width) if self.patch > 1 else None
         self.head = nn.Linear(dc.width + 1, self.vocab_size, bias=False)
         self._dec_cfg = dc
 
     @torch.no_grad()
     def load_stage_a(self, state: dict) -> None:
         """Initialise from a Stage A state dict (``models/stage_a_export.load_stage_a``'s weights)."""
-        own = {k: v for k, v in state.items() if k.split(".")[0] in ("flow", "dec_in", "decoder")}
+        own = {k: v for k, v in state.items() if k.split(".")[0] in ("flow", "dec_in", "decoder", "unpatch")}
         missing, unexpected = self.load_state_dict(own, strict=False)
         missing = [k for k in missing if not k.startswith("head.")]
         if missing or unexpected:
@@ -80,11 +82,11 @@ class CompositeGenerator(nn.Module):
         self.head.weight[: w.shape[0], -1] = b.to(self.head.weight)
 
     def hidden(self, z: torch.Tensor, x_t: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """z [B, T, d] -> [B, T, width + 1] (the decoder's hidden state and a constant 1)."""
-        check_latents(z, self.seq_len, self.latent_dim)
+        """z [B, T / patch, d] -> [B, T, width + 1] (the decoder's hidden state and a constant 1)."""
+        check_latents(z, self.seq_len // self.patch, self.latent_dim)
         z = z.to(self.dec_in.weight.dtype)
         everywhere = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
-        h = decoder_states(self.dec_in, self.decoder, self.flow.inverse(z, everywhere), everywhere)
+        h = decoder_states(self.dec_in, self.decoder, self.flow.inverse(z, everywhere), everywhere, self.unpatch)
         return torch.cat([h, torch.ones_like(h[..., :1])], dim=-1)
 
     def forward(self, z: torch.Tensor, x_t: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -92,10 +94,11 @@ class CompositeGenerator(nn.Module):
 
     def flops_per_sample(self, seq_len: Optional[int] = None) -> float:
         T = seq_len or self.seq_len
-        dc = self._dec_cfg
-        per_tok = self.flow.flops_per_token(T) + 2 * self.latent_dim * dc.width
-        per_tok += transformer_flops_per_token(dc.width, dc.depth, dc.ffn, T) + 2 * (dc.width + 1) * self.vocab_size
-        return 3.0 * per_tok * T
+        dc, k = self._dec_cfg, self.patch
+        P = T // k  # latent positions
+        per_pos = self.flow.flops_per_token(P) + 2 * self.latent_dim * dc.width
+        per_pos += transformer_flops_per_token(dc.width, dc.depth, dc.ffn, P) + (2 * dc.width * k * dc.width if k > 1 else 0)
+        return 3.0 * (per_pos * P + 2 * (dc.width + 1) * self.vocab_size * T)
 
 
 def composite_arch(stage_a_cfg: Any) -> dict:

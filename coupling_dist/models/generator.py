@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..components.atomic import write_dir
-from .layers import Transformer, transformer_flops_per_token
+from .layers import Transformer, transformer_flops_per_token, unpatch_states
 
 FORMAT_VERSION = 1
 ARCH_KEYS = ("kind", "width", "depth", "heads", "ffn", "norm", "act", "attention")
@@ -47,44 +47,52 @@ def _arch(cfg: Any) -> dict:
 
 
 def check_latents(z: torch.Tensor, seq_len: int, latent_dim: int) -> None:
-    """A generator's input must be z [B, T <= seq_len, latent_dim]."""
+    """A generator's input must be z [B, T <= seq_len, latent_dim] (``seq_len``: latent positions,
+    the token length / stage_a.patch)."""
     if z.dim() != 3 or z.shape[-1] != latent_dim or z.shape[1] > seq_len:
         raise ValueError(f"z must be [B, T<={seq_len}, {latent_dim}], got {tuple(z.shape)}")
 
 
 class Generator(nn.Module):
     def __init__(self, cfg: Any, latent_dim: int, seq_len: int, vocab_size: int,
-                 mask_token_id: Optional[int] = None):
+                 mask_token_id: Optional[int] = None, patch: int = 1):
         super().__init__()
         a = _arch(cfg)
         self.arch = a
         self.kind = a["kind"]
         self.latent_dim, self.seq_len, self.vocab_size = int(latent_dim), int(seq_len), int(vocab_size)
         self.width = int(a["width"])
+        # patch k > 1: z has seq_len / k positions, each emitting k tokens (Stage A's stage_a.patch)
+        self.patch = int(patch)
+        if self.patch > 1 and (self.kind == "masked" or self.seq_len % self.patch):
+            raise ValueError(f"patch {self.patch} needs a one-step generator and a seq_len ({self.seq_len}) it divides")
         if self.kind == "masked":
             if mask_token_id is None or not 0 <= int(mask_token_id) < self.vocab_size:
                 raise ValueError(f"masked generator needs a mask_token_id in [0, {self.vocab_size}), got {mask_token_id}")
         self.mask_token_id = None if mask_token_id is None else int(mask_token_id)
         self.in_proj = nn.Linear(self.latent_dim, self.width)
-        self.pos_emb = nn.Parameter(torch.randn(self.seq_len, self.width) * 0.02)
+        self.pos_emb = nn.Parameter(torch.randn(self.seq_len // self.patch, self.width) * 0.02)
         self.tok_emb = nn.Embedding(self.vocab_size, self.width) if self.kind == "masked" else None
         if self.tok_emb is not None:
             nn.init.normal_(self.tok_emb.weight, std=0.02)
         self.trunk = Transformer(self.width, int(a["depth"]), int(a["heads"]), int(a["ffn"]), norm=a["norm"],
                                  act=a["act"], backend=a["attention"])
+        # not a TP-swapped name: replicated under tensor parallelism, before the vocab-parallel head
+        self.unpatch = nn.Linear(self.width, self.patch * self.width) if self.patch > 1 else None
         self.head = nn.Linear(self.width, self.vocab_size, bias=False)
         nn.init.normal_(self.head.weight, std=self.width ** -0.5)
 
     def hidden(self, z: torch.Tensor, x_t: Optional[torch.Tensor] = None) -> torch.Tensor:
         """z [B, T, d] (x_t [B, T] long for the masked kind) -> final-normed hidden [B, T, width]."""
-        check_latents(z, self.seq_len, self.latent_dim)
+        check_latents(z, self.seq_len // self.patch, self.latent_dim)
         T = z.shape[1]
         x = self.in_proj(z.to(self.in_proj.weight.dtype)) + self.pos_emb[:T]
         if self.tok_emb is not None:
             if x_t is None:  # sampling's first step / one-step decoding: everything masked
                 x_t = torch.full(z.shape[:2], self.mask_token_id, dtype=torch.long, device=z.device)
             x = x + self.tok_emb(x_t)
-        return self.trunk(x)
+        h = self.trunk(x)
+        return h if self.unpatch is None else unpatch_states(self.unpatch, h)
 
     def forward(self, z: torch.Tensor, x_t: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits [B, T, V] (this rank's vocabulary shard under tensor parallelism)."""
@@ -94,20 +102,29 @@ class Generator(nn.Module):
         """Training FLOPs (forward + backward = 3x forward matmuls) of one sample."""
         T = seq_len or self.seq_len
         a = self.arch
+        if self.patch > 1:
+            P = T // self.patch
+            per_pos = transformer_flops_per_token(self.width, int(a["depth"]), int(a["ffn"]), P, a["act"])
+            per_pos += 2 * self.latent_dim * self.width + 2 * self.width * self.patch * self.width
+            return 3.0 * (per_pos * P + 2 * self.width * self.vocab_size * T)
         per_tok = transformer_flops_per_token(self.width, int(a["depth"]), int(a["ffn"]), T, a["act"])
         per_tok += 2 * self.latent_dim * self.width + 2 * self.width * self.vocab_size
         return 3.0 * per_tok * T
 
 
 def build_generator(arch: Any, latent_dim: int, seq_len: int, vocab_size: int,
-                    mask_token_id: Optional[int] = None) -> nn.Module:
-    """The generator an arch dict (or GeneratorConfig) describes: ``Generator`` or the composite."""
+                    mask_token_id: Optional[int] = None, patch: int = 1) -> nn.Module:
+    """The generator an arch dict (or GeneratorConfig) describes: ``Generator`` or the composite
+    (whose patch is its Stage A config's; ``patch`` must agree)."""
     a = _arch(arch)
     if a["kind"] == "composite":
         from .composite_generator import CompositeGenerator
 
-        return CompositeGenerator(a, latent_dim, seq_len, vocab_size)
-    return Generator(a, latent_dim, seq_len, vocab_size, mask_token_id)
+        g = CompositeGenerator(a, latent_dim, seq_len, vocab_size)
+        if g.patch != int(patch):
+            raise ValueError(f"patch {patch} differs from the composite's Stage A stage_a.patch {g.patch}")
+        return g
+    return Generator(a, latent_dim, seq_len, vocab_size, mask_token_id, patch)
 
 
 # --------------------------------------------------------------------------- export / load
@@ -132,7 +149,7 @@ def export_generator(model_or_state, cfg: Any, meta: dict, out_dir: str) -> str:
     conf = {"format": "coupling_dist.generator", "version": FORMAT_VERSION, "arch": arch, "meta": full_meta}
     # Validate before writing: the weights must load into the architecture they claim.
     probe = build_generator(arch, full_meta["latent_dim"], full_meta["seq_len"], full_meta["vocab_size"],
-                            full_meta.get("mask_token_id"))
+                            full_meta.get("mask_token_id"), full_meta.get("patch", 1))
     probe.load_state_dict(sd, strict=True)
 
     def write(tmp):
@@ -162,7 +179,8 @@ def load_generator(export_dir: str, device="cpu") -> tuple[nn.Module, dict]:
 
     conf = read_export_config(export_dir)
     meta = dict(conf["meta"])
-    model = build_generator(conf["arch"], meta["latent_dim"], meta["seq_len"], meta["vocab_size"], meta.get("mask_token_id"))
+    model = build_generator(conf["arch"], meta["latent_dim"], meta["seq_len"], meta["vocab_size"], meta.get("mask_token_id"),
+                            meta.get("patch", 1))
     wpath = os.path.join(export_dir, "model.safetensors")
     if not os.path.isfile(wpath):
         raise FileNotFoundError(f"generator export '{export_dir}' lacks model.safetensors")

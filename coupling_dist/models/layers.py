@@ -181,3 +181,10 @@ def transformer_flops_per_token(dim: int, depth: int, ffn: int, seq_len: int, ac
     attn_proj = 4 * 2 * dim * dim
     attn_scores = 2 * 2 * seq_len * dim  # QK^T and AV
     return depth * (mlp + attn_proj + attn_scores)
+
+
+def unpatch_states(unpatch: nn.Linear, h: torch.Tensor) -> torch.Tensor:
+    """[B, T/k, width] -> [B, T, width] through ``unpatch`` (width -> k * width): latent position
+    p's state becomes the states of its k tokens p*k .. p*k + k - 1 (``stage_a.patch``)."""
+    B, P, W = h.shape
+    return unpatch(h).reshape(B, P * (unpatch.out_features // W), W)

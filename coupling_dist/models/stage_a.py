@@ -54,7 +54,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import StageAConfig
 from ..data.dtypes import from_stored
-from .layers import Transformer, transformer_flops_per_token
+from .layers import Transformer, transformer_flops_per_token, unpatch_states
 from .realnvp import RealNVP, safe_key_mask, sinusoidal_positions
 from .tarflow import TarFlow
 
@@ -62,12 +62,25 @@ LOG_2PI = math.log(2 * math.pi)
 CE_CHUNK_ROWS = 256  # rows of [N_real, V] logits materialised at once (V is ~152k for Qwen)
 
 
-def decoder_states(dec_in: nn.Linear, decoder: Transformer, u: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+def decoder_states(dec_in: nn.Linear, decoder: Transformer, u: torch.Tensor, scored: torch.Tensor,
+                   unpatch: Optional[nn.Linear] = None) -> torch.Tensor:
     """The light decoder's hidden states [B, T, width]: input projection + sinusoidal positions,
     then the transformer over the ``scored`` positions (shared with the composite generator, which
-    must reproduce Stage A's decoder exactly)."""
+    must reproduce Stage A's decoder exactly). With a patch of k tokens per latent position
+    (``unpatch``: width -> k * width) each of the T / k positions' states becomes its k tokens'."""
     h = dec_in(u) + sinusoidal_positions(u.shape[1], dec_in.out_features, u.device, u.dtype)
-    return decoder(h, safe_key_mask(scored))
+    h = decoder(h, safe_key_mask(scored))
+    return h if unpatch is None else unpatch_states(unpatch, h)
+
+
+def patch_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, T, C] -> [B, T/k, k*C]: the k consecutive tokens of each latent position side by side."""
+    if k == 1:
+        return x
+    B, T, C = x.shape
+    if T % k:
+        raise ValueError(f"sequence length {T} is not a multiple of stage_a.patch {k}")
+    return x.reshape(B, T // k, k * C)
 
 
 def build_flow(dim: int, fc) -> nn.Module:
@@ -87,16 +100,19 @@ class StageAModel(nn.Module):
         self.register_buffer("feat_std", torch.ones(feature_dim))
         self.register_buffer("feat_stats_set", torch.zeros((), dtype=torch.bool))
         d = cfg.latent_dim
-        self.proj = self.embed = self.logvar = None
+        self.patch = k = int(cfg.patch)
+        self.proj = self.embed = self.logvar = self.patch_in = self.unpatch = None
         if feature_dim > 0:
-            self.proj = nn.Linear(feature_dim, d)
+            self.proj = nn.Linear(k * feature_dim, d)
         else:  # learned token embedding; unit-scale rows so tokens start well apart relative to sigma
             self.embed = nn.Embedding(vocab_size, d)
             nn.init.normal_(self.embed.weight, std=1.0)
+            if k > 1:  # k token embeddings side by side -> one latent position
+                self.patch_in = nn.Linear(k * d, d)
         if cfg.learned_logvar:
             # Starts at log(sigma^2) everywhere, i.e. exactly the fixed-noise model.
-            if self.embed is None:
-                self.logvar = nn.Linear(feature_dim, d)
+            if self.embed is None or k > 1:
+                self.logvar = nn.Linear(k * (feature_dim or d), d)
                 nn.init.zeros_(self.logvar.weight)
                 nn.init.constant_(self.logvar.bias, 2 * math.log(cfg.noise_scale))
             else:
@@ -106,6 +122,8 @@ class StageAModel(nn.Module):
         dc = cfg.decoder
         self.dec_in = nn.Linear(d, dc.width)
         self.decoder = Transformer(dc.width, dc.depth, dc.heads, dc.ffn)
+        if k > 1:  # each latent position's state -> its k tokens' states (decoder_states)
+            self.unpatch = nn.Linear(dc.width, k * dc.width)
         self.head = nn.Linear(dc.width, vocab_size)
 
     # ------------------------------------------------------------------ normalisation statistics
@@ -153,16 +171,25 @@ class StageAModel(nn.Module):
         """q(u|x) = N(mean, exp(logvar)) per element, [B, T, d] each. ``source``: features
         [B, T, H], or token ids [B, T] (head rows) for the token-embedding encoder."""
         h = source.long() if self.embed is not None else self.normalize(source)
-        mean = self.embed(h) if self.embed is not None else self.proj(h)
+        if self.patch > 1:  # [B, T/k, k * C]: a latent position reads its k tokens
+            h = patch_rows(self.embed(h) if self.embed is not None else h, self.patch)
+            mean = self.patch_in(h) if self.patch_in is not None else self.proj(h)
+        else:
+            mean = self.embed(h) if self.embed is not None else self.proj(h)
         if self.logvar is not None:
             logvar = self.logvar(h).clamp(-12.0, 6.0)
         else:
             logvar = torch.full_like(mean, 2 * math.log(self.cfg.noise_scale))
         return mean, logvar
 
+    def latent_len(self, seq_len: int) -> int:
+        """Latent positions of a ``seq_len``-token sequence (T / stage_a.patch)."""
+        return int(seq_len) // self.patch
+
     def scored(self, mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         """[B, T] bool: the positions the coupling encodes and scores (all of them unless the
-        "passthrough" ablation is on, where only real tokens are)."""
+        "passthrough" ablation is on, where only real tokens are). ``like`` gives the shape:
+        tokens [B, T], or a latent [B, T / patch, d] (patch > 1 needs "encoded": config.py)."""
         if mask is None or self.cfg.pad_positions == "encoded":
             return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
         return mask.bool()
@@ -184,7 +211,7 @@ class StageAModel(nn.Module):
         return self.flow.inverse(z, self.scored(mask, z))
 
     def decoder_hidden(self, u: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return decoder_states(self.dec_in, self.decoder, u, self.scored(mask, u))
+        return decoder_states(self.dec_in, self.decoder, u, self.scored(mask, u), self.unpatch)
 
     def decode(self, u: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Full logits [B, T, V] (inference/small V; the loss never materialises them all)."""
@@ -213,19 +240,25 @@ class StageAModel(nn.Module):
         ce = h.new_zeros((), dtype=torch.float32)
         correct = torch.zeros((), dtype=torch.float32, device=h.device)
         big = self.vocab_size * CE_CHUNK_ROWS > 4_000_000 and torch.is_grad_enabled()
-        for i in range(0, h.shape[0], CE_CHUNK_ROWS):
-            hc, tc = h[i:i + CE_CHUNK_ROWS], target[i:i + CE_CHUNK_ROWS]
+        # a small vocabulary (binary pixels: V = 2) takes all rows at once: 256-row chunks of
+        # 50k pixel tokens would be ~200 tiny matmuls per step
+        rows = CE_CHUNK_ROWS if big or self.vocab_size >= 1024 else max(CE_CHUNK_ROWS, h.shape[0])
+        for i in range(0, h.shape[0], rows):
+            hc, tc = h[i:i + rows], target[i:i + rows]
             l, c = checkpoint(self._ce_chunk, hc, tc, use_reentrant=False) if big else self._ce_chunk(hc, tc)
             ce, correct = ce + l, correct + c
         return ce, correct
 
     def loss(self, source: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, step: int = 0,
              eps: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
-        m = self.scored(mask, tokens)
-        mf = m[..., None].to(self.dtype)
-        n_tok = m.sum().clamp_min(1)
-        n_el = n_tok * self.latent_dim
         mean, logvar = self.posterior(source)
+        m = self.scored(mask, mean)  # latent positions (= token positions at patch 1)
+        mf = m[..., None].to(self.dtype)
+        # Eq. 1's sums, divided by the number of scored *tokens* (module docstring); per latent
+        # element for the logged kl / flow_nll (``per_lat`` = tokens per latent position)
+        n_tok = self.scored(mask, tokens).sum().clamp_min(1) if self.patch > 1 else m.sum().clamp_min(1)
+        per_lat = self.patch if self.patch > 1 else 1
+        n_el = n_tok * self.latent_dim // per_lat
         if eps is None:
             eps = torch.randn_like(mean)
         u = torch.where(m[..., None], mean + torch.exp(0.5 * logvar) * eps, eps)
@@ -235,12 +268,12 @@ class StageAModel(nn.Module):
         z, logdet = self.flow(u, m)
         nll = ((0.5 * z.pow(2) + 0.5 * LOG_2PI) * mf).sum() - logdet.sum()
         nll = nll / n_tok
-        ce_sum, correct = self.reconstruction(u, tokens, mask)
+        ce_sum, correct = self.reconstruction(u, tokens, mask)  # over the scored tokens
         ce = ce_sum / n_tok
         c = self.cfg
         lam = self.lambda_flow(step)
         total = c.lambda_rec * ce + c.lambda_kl * kl + lam * nll
-        kl, nll = kl / self.latent_dim, nll / self.latent_dim  # logged per element
+        kl, nll = kl * per_lat / self.latent_dim, nll * per_lat / self.latent_dim  # logged per element
         metrics = {"loss": total.detach(), "ce": ce.detach(), "kl": kl.detach(), "flow_nll": nll.detach(),
                    "bpd": nll.detach() / math.log(2), "rec_acc": correct / n_tok,
                    "logdet_per_dim": logdet.sum().detach() / n_el, "lambda_flow": torch.tensor(lam),
@@ -251,7 +284,13 @@ class StageAModel(nn.Module):
 
     def flops_per_sample(self, seq_len: int) -> float:
         """Training FLOPs per sequence (forward matmuls x 3 for forward + backward)."""
-        d, H, dc = self.latent_dim, self.feature_dim, self.cfg.decoder
+        d, H, dc, k = self.latent_dim, self.feature_dim, self.cfg.decoder, self.patch
+        if k > 1:  # per latent position (T / k of them), then the per-token head
+            P = seq_len // k
+            per_pos = 2 * k * (H or d) * d * (2 if self.logvar is not None else 1) + self.flow.flops_per_token(P)
+            per_pos += 2 * d * dc.width + transformer_flops_per_token(dc.width, dc.depth, dc.ffn, P)
+            per_pos += 2 * dc.width * k * dc.width
+            return 3.0 * (P * per_pos + seq_len * 2 * dc.width * self.vocab_size)
         per_tok = 2 * H * d * (2 if self.logvar is not None else 1)  # 0 for the token embedding
         per_tok += self.flow.flops_per_token(seq_len)
         per_tok += 2 * d * dc.width + transformer_flops_per_token(dc.width, dc.depth, dc.ffn, seq_len)

@@ -38,11 +38,13 @@ def load_stage_a_sampler(path: str, device="cpu"):
     stage_a, art = load_stage_a(path, device=str(device))
     tok = art.get("tokenizer") or {}
     eos = tok.get("eos_id")
-    if eos is None:
+    if eos is None and not tok.get("fixed_length"):  # fixed-length domains (binary images) have no EOS
         raise ValueError(f"Stage A export '{path}': config.json names no tokenizer eos_id")
     meta = {"kind": "stage_a", "seq_len": int(art["seq_len"]), "latent_dim": int(art["latent_dim"]),
-            "vocab_size": int(art["vocab_size"]), "eos_id": int(eos), "pad_id": tok.get("pad_id", eos),
-            "tokenizer": tok, "vocab": art.get("vocab")}  # compact ids: sample_any maps back
+            "vocab_size": int(art["vocab_size"]), "eos_id": None if eos is None else int(eos),
+            "pad_id": tok.get("pad_id", eos), "tokenizer": tok, "vocab": art.get("vocab")}  # compact ids: sample_any maps back
+    if stage_a.patch > 1:
+        meta["patch"] = stage_a.patch
     return PriorDecoder(stage_a).eval(), meta
 
 
@@ -102,9 +104,13 @@ def to_records(ids: torch.Tensor, indices: Sequence[int], tok, eos_id: int, sett
 
 def generate_records(model, meta: dict, tok, indices: Sequence[int], settings: SampleSettings, *,
                      batch_size: int, device="cpu", show_progress: bool = False) -> list[dict]:
+    """``tok``: the data tokenizer, or a domain's sample codec (``domains``: ``len()`` = the ids a
+    sample may hold, ``to_records(ids, indices, settings)`` = its own record format)."""
     bar = progress(total=len(indices), desc="sample", enabled=show_progress) if show_progress else None
     ids = sample_any(model, meta, list(indices), settings, batch_size=batch_size, device=device,
                      vocab_limit=len(tok), progress=(bar.update if bar is not None else None))
     if bar is not None:
         bar.close()
+    if hasattr(tok, "to_records"):
+        return tok.to_records(ids, indices, settings)
     return to_records(ids, indices, tok, int(meta["eos_id"]), settings)

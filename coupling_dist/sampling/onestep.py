@@ -102,8 +102,9 @@ def sample_onestep(model, meta: dict, indices: Sequence[int], settings: SampleSe
     banned = banned_ids(meta, vocab_limit, device)
 
     def batch(z, gens):
-        u = draw_uniforms(gens, z.shape[1])
-        return decode_step(model(z), u, temp, settings.top_p, banned, settings.top_k_prefilter)
+        logits = model(z)  # [B, T, V]: T = z's positions x stage_a.patch
+        u = draw_uniforms(gens, logits.shape[1])
+        return decode_step(logits, u, temp, settings.top_p, banned, settings.top_k_prefilter)
 
     return sample_batches(batch, model, meta, indices, settings, batch_size, device, progress)
 
@@ -111,13 +112,15 @@ def sample_onestep(model, meta: dict, indices: Sequence[int], settings: SampleSe
 def sample_batches(sample_batch, model, meta: dict, indices: Sequence[int], settings: SampleSettings,
                    batch_size: int, device, progress=None) -> torch.Tensor:
     """The batching every sampler shares: per batch of ``indices``, each sample's generator draws
-    its latent z [B, T, d] first, then ``sample_batch(z, generators) -> ids [B, T]``; ids [N, T] on CPU."""
+    its latent z [B, T / patch, d] first (``meta["patch"]``: tokens per latent position, default 1),
+    then ``sample_batch(z, generators) -> ids [B, T]``; ids [N, T] on CPU."""
     T, d = int(meta["seq_len"]), int(meta["latent_dim"])
+    P = T // int(meta.get("patch") or 1)
     out = []
     for start in range(0, len(indices), batch_size):
         idx = list(indices[start:start + batch_size])
         gens = [sample_generator(settings.seed, i) for i in idx]
-        z = draw_latents(gens, T, d, settings.latent_scale).to(device, model_dtype(model))
+        z = draw_latents(gens, P, d, settings.latent_scale).to(device, model_dtype(model))
         out.append(sample_batch(z, gens).cpu())
         if progress is not None:
             progress(len(idx))

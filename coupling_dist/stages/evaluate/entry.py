@@ -1,6 +1,8 @@
-"""``python -m coupling_dist.evaluate --config FILE [overrides]``: score samples with a causal LM.
+"""``python -m coupling_dist.evaluate --config FILE [overrides]``: score samples by the domain's
+metric (``domains``): text with a causal LM (this module), binary images by the Fréchet distance
+in a classifier's features (``classifier_frechet.py``).
 
-Writes ``run.dir/eval/results.json``, ``results.csv`` and ``frontier.png`` (see
+Text writes ``run.dir/eval/results.json``, ``results.csv`` and ``frontier.png`` (see
 ``evaluation.report``). Rows:
 - ``file``: the sample file ``evaluate.samples`` (a path or glob; default
   ``run.dir/sample/samples.jsonl`` when it exists); bad lines are reported with line numbers and
@@ -38,11 +40,13 @@ import time
 from ...components import paths as run_paths
 from ...components.logging import get_logger, setup_logging
 from ...components.preflight import InputError, check_export
+from ...domains import build_domain
 from ...evaluation import report
 from ...evaluation.factorized import factorized_samples
 from ...evaluation.protocol import length_stats, lengths, protocol_inputs
 from ...evaluation.samples_file import SampleFile, read_reference_file, read_samples
 from ...sampling import generate as G
+from . import classifier_frechet
 
 log = get_logger("evaluate")
 
@@ -201,11 +205,18 @@ def run_sweep(cfg, pool, scorer_tok, out_dir: str, data_tok, ref_lengths) -> tup
 
 
 def main(cfg) -> dict:
+    """The evaluation the domain's metric names (``domains``): Gen-PPL under a causal LM (text,
+    below) or the classifier-space Fréchet distance (``classifier_frechet.py``)."""
+    setup_logging(run_paths.stage_dir(cfg, "evaluate"), 0)
+    domain = build_domain(cfg)
+    return EVALUATORS[domain.metric](cfg, domain)
+
+
+def evaluate_gen_ppl(cfg, domain=None) -> dict:
     from ...components.assets import load_tokenizer
     from ...evaluation.pool import ScorerPool
 
     out_dir = run_paths.stage_dir(cfg, "evaluate")
-    setup_logging(out_dir, 0)
     e = cfg.evaluate
     paths = sample_paths(cfg)
     sample_files = [read_sample_file(p, e.max_text_chars) for p in paths]  # before anything is loaded
@@ -260,3 +271,6 @@ def main(cfg) -> dict:
     log.info("wrote %s", json.dumps(paths_out))
     return {"rows": len(rows), **paths_out}
 
+
+
+EVALUATORS = {"gen_ppl": evaluate_gen_ppl, "classifier_frechet": classifier_frechet.evaluate}

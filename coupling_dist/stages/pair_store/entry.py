@@ -70,7 +70,8 @@ def write_manifest(cfg: Config, ctx: dict) -> dict:
                              f"(re-run to complete only the missing shards)")
     info, meta, ps = ctx["info"], ctx["meta"], cfg.pair_store
     T, d, K = info["seq_len"], int(meta["latent_dim"]), ps.multiplicity
-    fields = {"z": {"dtype": ps.dtype, "shape": [K, T, d]}, "tokens": {"dtype": "int32", "shape": [T]},
+    P = T // int(meta["stage_a"].get("patch", 1))  # latent positions: T / stage_a.patch
+    fields = {"z": {"dtype": ps.dtype, "shape": [K, P, d]}, "tokens": {"dtype": "int32", "shape": [T]},
               "mask": {"dtype": "uint8", "shape": [T]}}
     if ctx["teacher_cache"]:
         fields.update(cache_fields(T, ctx["teacher_cache"]["topk"]))

@@ -237,7 +237,7 @@ def build_report(cfg: Config, ctx: dict, model, features=None) -> dict:
         source = source_of_samples(model, chunk, vocab, dev, features)
         m = torch.from_numpy(np.stack([s["mask"] for s in chunk])).to(dev).bool()
         tok = torch.from_numpy(np.stack([s["tokens"] for s in chunk])).to(dev).long()
-        T = m.shape[1]
+        T = model.latent_len(m.shape[1])
         eps = torch.stack([sample_noise(cfg.run.seed, s["__key__"], 1, T, model.latent_dim)[0] for s in chunk]).to(dev)
         u = model.encode_latent(source, m, eps)
         correct += int((_predict(model, u, m, vocab) == tok)[m].sum())

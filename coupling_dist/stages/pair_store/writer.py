@@ -72,7 +72,7 @@ def encode_samples(model, samples: list[dict], *, seed: int, K: int, dtype: str,
         chunk = samples[i:i + batch_size]
         source = source_of_samples(model, chunk, vocab, device, features)
         mask = torch.from_numpy(np.stack([s["mask"] for s in chunk])).to(device)
-        T = mask.shape[1]
+        T = model.latent_len(mask.shape[1])  # latent positions (tokens / stage_a.patch)
         eps = torch.stack([sample_noise(seed, s["__key__"], K, T, d) for s in chunk]).to(device)  # [B, K, T, d]
         zs = []
         for k in range(K):

@@ -37,6 +37,7 @@ from typing import Optional
 from ...components import paths, provenance, run_lock
 from ...components.preflight import check_writable
 from ...config import Config, ConfigError, load_config
+from ...domains import build_domain
 
 DIST_STAGES = {"stage_a", "pair_store", "stage_b", "sample"}
 OUTPUTS = {  # what each stage leaves for users
@@ -124,10 +125,12 @@ def final_outputs(cfg: Config, written: list[str]) -> list[tuple[str, str]]:
     """(label, path) of the outputs of the stages in ``written`` (ran, or found complete, in this run):
     with a restricted ``pipeline.stages`` nothing is listed that this run did not make."""
     ev = paths.stage_dir(cfg, "evaluate")
+    # the domain's pictures of its samples (binary images: grid.png, real.png) and its evaluation's files
+    pics = ((paths.read_completion(cfg, "sample") or {}).get("summary") or {}).get("pictures") or []
     table = [("preprocess", "shard set", OUTPUTS["preprocess"](cfg)), ("stage_a", "Stage A export", OUTPUTS["stage_a"](cfg)),
              ("pair_store", "pair store", OUTPUTS["pair_store"](cfg)), ("stage_b", "generator", OUTPUTS["stage_b"](cfg)),
-             ("sample", "samples", OUTPUTS["sample"](cfg)), ("evaluate", "metrics table", os.path.join(ev, "results.csv")),
-             ("evaluate", "frontier plot", os.path.join(ev, "frontier.png"))]
+             ("sample", "samples", OUTPUTS["sample"](cfg))] + [("sample", "sample picture", p) for p in pics]
+    table += [("evaluate", label, os.path.join(ev, name)) for label, name in build_domain(cfg).eval_outputs]
     return [(label, path) for stage, label, path in table if stage in written]
 
 
@@ -180,22 +183,27 @@ def print_results(cfg: Config, written: list[str], n_samples: int = 5) -> None:
     samples = OUTPUTS["sample"](cfg)
     if "sample" in written and os.path.isfile(samples):
         with open(samples, encoding="utf-8") as fh:
-            texts = [json.loads(line).get("text", "") for line, _ in zip(fh, range(n_samples))]
-        print(f"\nfirst {len(texts)} samples ({samples}):")
-        for t in texts:
-            print(f"  {t[:160]!r}")
+            recs = [json.loads(line) for line, _ in zip(fh, range(n_samples))]
+        if all("text" in r for r in recs):  # text; other domains' samples are pictured (sample pictures above)
+            print(f"\nfirst {len(recs)} samples ({samples}):")
+            for r in recs:
+                print(f"  {r['text'][:160]!r}")
     results = OUTPUTS["evaluate"](cfg)
     if "evaluate" in written and os.path.isfile(results):
         with open(results, encoding="utf-8") as fh:
-            rows = json.load(fh).get("rows", [])
-        print(f"\nevaluation ({results}; scorer {cfg.evaluate.scorer}):")
-        print(f"  {'series':<32} {'kind':<10} {'Gen-PPL':>10} {'entropy':>8}")
+            doc = json.load(fh)
+        rows = doc.get("rows", [])
+        if doc.get("metric") == "classifier_frechet":  # the domain's metric (stages/evaluate/classifier_frechet.py)
+            what, (k1, h1, f1), (k2, h2) = "classifier features", ("fd_classifier", "FD", "10.2f"), ("confidence", "conf.")
+        else:
+            what, (k1, h1, f1), (k2, h2) = f"scorer {cfg.evaluate.scorer}", ("gen_ppl", "Gen-PPL", "10.1f"), ("entropy", "entropy")
+        print(f"\nevaluation ({results}; {what}):")
+        print(f"  {'series':<32} {'kind':<10} {h1:>10} {h2:>8}")
         for r in rows:
-            ppl = r.get("gen_ppl")
-            ppl = f"{ppl:10.1f}" if isinstance(ppl, (int, float)) else f"{'-':>10}"
-            ent = r.get("entropy")
-            ent = f"{ent:8.3f}" if isinstance(ent, (int, float)) else f"{'-':>8}"
-            print(f"  {str(r.get('name'))[:32]:<32} {str(r.get('kind')):<10} {ppl} {ent}")
+            v1, v2 = r.get(k1), r.get(k2)
+            v1 = format(v1, f1) if isinstance(v1, (int, float)) else f"{'-':>10}"
+            v2 = f"{v2:8.3f}" if isinstance(v2, (int, float)) else f"{'-':>8}"
+            print(f"  {str(r.get('name'))[:32]:<32} {str(r.get('kind')):<10} {v1} {v2}")
 
 
 def _run_stages(cfg, stages, forced, config_path, overrides, rows, child) -> int:

@@ -27,6 +27,7 @@ from ...data import corpus as C
 from ...data.source import PAD_FEATURES
 from ...data import shards as S
 from ...data.shard_job import fingerprint as unit_fingerprint
+from ...domains import build_domain
 
 SPLIT_SEED = 20240601  # fixed: the data split must not change with the training seed
 
@@ -63,18 +64,20 @@ def encoder_info(model_ref: Optional[str], layer: int, dtype: str, tok_vocab: in
 
 def build_settings(cfg: Config) -> dict:
     d = cfg.data
+    domain = build_domain(cfg)
     try:
-        files = assets.resolve_corpus(d.corpus)
+        files = domain.corpus_files()
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"'data.corpus' = {d.corpus!r}: {e}") from None
     try:
-        tok = assets.tokenizer_identity(d.tokenizer)
+        tok = domain.tokenizer_identity()
     except (OSError, ValueError) as e:
         raise ConfigError(f"'data.tokenizer' = {d.tokenizer!r} cannot be loaded: {e}") from None
     enc = encoder_info(cfg.encoder.model, cfg.encoder.layer, cfg.encoder.dtype, tok["vocab_size"])
     settings = {"corpus": C.files_identity(files), "files": files, "format": d.format, "text_field": d.text_field,
                 "tokenizer": tok, "encoder": enc, "seq_len": d.seq_len, "shard_size": d.shard_size,
-                "heldout_fraction": d.heldout_fraction, "max_samples": d.max_samples, "split_seed": SPLIT_SEED}
+                "heldout_fraction": d.heldout_fraction, "max_samples": d.max_samples, "split_seed": SPLIT_SEED,
+                **domain.settings_extra()}
     if cfg.stage_a.online_encoder:  # only then: shard sets with stored features keep their fingerprints
         settings["online_features"] = True
     return settings
@@ -135,7 +138,7 @@ def iter_tasks(files: list[str], cfg: Config, held: np.ndarray, plan: list[dict]
     buf = {"train": ([], []), "heldout": ([], [])}
     count = {"train": 0, "heldout": 0}
     total = {"train": int((~held).sum()), "heldout": int(held.sum())}
-    for i, text in enumerate(C.iter_corpus(files, cfg.data.format, cfg.data.text_field, limit=len(held))):
+    for i, text in enumerate(build_domain(cfg).iter_items(files, limit=len(held))):  # a sentence, a digit, ...
         split = "heldout" if held[i] else "train"
         name = S.shard_name(split, count[split] // size)
         count[split] += 1
@@ -151,4 +154,4 @@ def iter_tasks(files: list[str], cfg: Config, held: np.ndarray, plan: list[dict]
 
 
 def count_samples(files: list[str], cfg: Config) -> int:
-    return sum(1 for _ in C.iter_corpus(files, cfg.data.format, cfg.data.text_field, limit=cfg.data.max_samples))
+    return sum(1 for _ in build_domain(cfg).iter_items(files, limit=cfg.data.max_samples))

@@ -30,6 +30,7 @@ from ...components.paths import data_dir
 from ...config import Config, ConfigError
 from ...data import shards as S
 from ...data.shard_job import ShardJob
+from ...domains import build_domain
 from ...planning.run_plan import check_disk
 from .plan import (PreprocessError, build_settings, check_existing, count_samples, fingerprint, iter_tasks,
                    make_plan)
@@ -46,7 +47,7 @@ def run_tasks(cfg: Config, tasks, n_tasks: int, out_dir: str, enc: dict) -> list
     r = cfg.ray
     started = init_ray(r.address, r.num_workers * r.num_cpus_per_worker)
     device = cfg.encoder.device if r.num_gpus_per_worker > 0 else "cpu"
-    args = (cfg.data.tokenizer, cfg.data.seq_len, out_dir, enc, max(1, int(r.num_cpus_per_worker)), device)
+    args = (build_domain(cfg).item_codec(), cfg.data.seq_len, out_dir, enc, max(1, int(r.num_cpus_per_worker)), device)
     records: list[dict] = []
     bar = progress(total=n_tasks, desc="preprocess", enabled=cfg.run.progress)
     try:
@@ -98,7 +99,8 @@ def preprocess(cfg: Config) -> str:
 def write_manifest(cfg: Config, out_dir: str, plan: list[dict], done: dict, settings: dict, set_fp: str,
                    n: int, seconds: float, n_written: int) -> str:
     T = cfg.data.seq_len
-    fields = {"tokens": {"dtype": "int32", "shape": [T]}, "mask": {"dtype": "uint8", "shape": [T]}}
+    fields = {"tokens": {"dtype": "int32", "shape": [T]}, "mask": {"dtype": "uint8", "shape": [T]},
+              **build_domain(cfg).shard_fields()}
     enc = settings["encoder"]
     extra = {"fingerprint": set_fp}
     if enc.get("name"):

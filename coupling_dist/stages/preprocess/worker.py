@@ -1,4 +1,4 @@
-"""Tokenize + encode + write one preprocessing shard per call. Runs as a Ray actor in the shared
+"""Tokenize (the domain's item codec) + encode + write one preprocessing shard per call. Runs as a Ray actor in the shared
 pool (``components.ray_pool``), or in-process (tests, the benchmark's single-process baseline).
 
 Per shard: tokenize -> append EOS -> pad/truncate to seq_len with a mask -> optional frozen-encoder
@@ -15,21 +15,24 @@ from typing import Optional
 
 import numpy as np
 
-from ...components import assets, faults
+from ...components import faults
 from ...data.dtypes import to_stored
 from ...data.shard_job import ShardJob
+from ...domains.text import TextCodec
 
 
 class ShardWorker:
 
-    def __init__(self, tokenizer_ref: str, seq_len: int, out_dir: str, encoder: Optional[dict] = None,
+    def __init__(self, codec, seq_len: int, out_dir: str, encoder: Optional[dict] = None,
                  threads: int = 1, device: str = "cpu"):
+        """``codec``: the domain's item codec (``domains.base.Domain.item_codec``), or a tokenizer
+        reference for text."""
         import torch
 
         torch.set_num_threads(max(1, int(threads)))  # fixed per worker: same kernels on every run
-        self.tok = assets.load_tokenizer(tokenizer_ref)
+        self.codec = codec if hasattr(codec, "encode_items") else TextCodec(codec, seq_len)
+        self.tok = getattr(self.codec, "tok", None)  # the tokenizer (text)
         self.seq_len, self.job = int(seq_len), ShardJob(out_dir)
-        self.eos, self.pad = int(self.tok.eos_token_id), int(self.tok.pad_token_id)
         self.enc = dict(encoder or {})
         self.model = None
         self.device = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
@@ -38,20 +41,10 @@ class ShardWorker:
 
             self.model = load_encoder(self.enc["model"], int(self.enc.get("layer", -1)), self.device)
 
-    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
-        """ids + EOS, then truncated/padded to seq_len: (tokens int32 [B, T], mask uint8 [B, T], #truncated)."""
-        T = self.seq_len
-        ids = self.tok(texts, add_special_tokens=False)["input_ids"]
-        tokens = np.full((len(texts), T), self.pad, dtype=np.int32)
-        mask = np.zeros((len(texts), T), dtype=np.uint8)
-        truncated = 0
-        for i, row in enumerate(ids):
-            row = list(row) + [self.eos]
-            truncated += len(row) > T
-            row = row[:T]
-            tokens[i, :len(row)] = row
-            mask[i, :len(row)] = 1
-        return tokens, mask, truncated
+    def tokenize(self, items: list) -> tuple[np.ndarray, np.ndarray, int]:
+        """Items -> (tokens int32 [B, T], mask uint8 [B, T], #truncated) through the domain's codec
+        (text: ids + EOS, then truncated/padded to seq_len)."""
+        return self.codec.encode_items(items)[:3]
 
     def encode(self, tokens: np.ndarray) -> np.ndarray:
         import torch
@@ -66,12 +59,12 @@ class ShardWorker:
             outs.append(to_stored(stored_features(self.model, ids, dtype), dtype))
         return np.concatenate(outs)
 
-    def build(self, keys: list[str], texts: list[str]) -> tuple[list[dict], int]:
-        tokens, mask, truncated = self.tokenize(texts)
+    def build(self, keys: list[str], texts: list) -> tuple[list[dict], int]:
+        tokens, mask, truncated, fields = self.codec.encode_items(texts)
         feats = self.encode(tokens) if self.model is not None else None
         samples = []
         for j, key in enumerate(keys):
-            s = {"__key__": key, "tokens": tokens[j], "mask": mask[j]}
+            s = {"__key__": key, "tokens": tokens[j], "mask": mask[j], **{f: v[j] for f, v in fields.items()}}
             if feats is not None:
                 s["features"] = feats[j]
             samples.append(s)

@@ -21,7 +21,8 @@ from ...components.atomic import write_jsonl, write_with
 from ...components.logging import get_logger, setup_logging
 from ...components.paths import samples_file, sampling_export, stage_dir
 from ...components.preflight import check_export
-from ...sampling.generate import generate_records, load_export, settings_from_cfg, tokenizer_ref
+from ...domains import build_domain
+from ...sampling.generate import generate_records, load_export, settings_from_cfg
 from ...sampling.onestep import SampleSettings
 
 log = get_logger("sample")
@@ -83,13 +84,12 @@ def check_input(cfg) -> str:
 
 def sample_rank(cfg) -> dict:
     """One rank's share of the samples (any launcher); rank 0 writes the merged file."""
-    from ...components.assets import load_tokenizer
-
     D.init_distributed()
     setup_logging(stage_dir(cfg, "sample"), D.rank())
     dev = D.device()
     model, meta = load_export(check_input(cfg), dev, cfg.sample.kind)
-    tok = load_tokenizer(tokenizer_ref(meta, cfg))
+    domain = build_domain(cfg)
+    tok = domain.sample_codec(meta)  # text: the data tokenizer; other domains: their record codec
     settings = settings_from_cfg(cfg)
     out = samples_file(cfg)
     log.info("sampling %d samples (kind %s, %s) on %d rank(s) -> %s", cfg.sample.num_samples, meta.get("kind"),
@@ -97,6 +97,11 @@ def sample_rank(cfg) -> dict:
     summary = run_sampling(model, meta, tok, out, settings, cfg.sample.num_samples, cfg.sample.batch_size, dev,
                            show_progress=cfg.run.progress)
     log.info("rank %d: %d samples in %.2f s", D.rank(), summary["rank_samples"], summary["seconds"])
+    if D.rank() == 0:  # e.g. binary images: grid.png of the samples beside real.png
+        pictures = domain.write_pictures(out, os.path.dirname(os.path.abspath(out)))
+        if pictures:
+            summary["pictures"] = pictures
+            log.info("pictures: %s", ", ".join(pictures))
     return summary
 
 

@@ -24,8 +24,9 @@ from torch import nn
 from ...components import dist as D
 from ...components.trainer import training_dtype
 from ...config import Config
-from ...data.source import check_tokenizer, describe_source
+from ...data.source import describe_source
 from ...data.vocab import CompactVocab, vocab_for
+from ...domains import build_domain
 from ...distributed.parallelize import ParallelDims, parallelize
 from ...models.frozen_encoder import OnlineFeatures
 from ...models.stage_a import StageAModel
@@ -65,7 +66,7 @@ class StageATask:
 
         man = Manifest.load(data_dir)
         info = describe_source(man, data_dir)
-        check_tokenizer(cfg.data.tokenizer, info, data_dir)
+        build_domain(cfg).check_tokenizer(info, data_dir)
         bs = min(cfg.stage_a.train.batch_size, 64)
 
         online = bool(info["online_features"])

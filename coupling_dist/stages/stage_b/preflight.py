@@ -10,7 +10,6 @@ as for a teacher-less run (a multiple of 1024 and of 128 * tp).
 """
 from __future__ import annotations
 
-import math
 import os
 
 from ...components import assets
@@ -19,6 +18,7 @@ from ...components.preflight import PreflightError, require_file, teacher_path
 from ...config import Config
 from ...data.vocab import vocab_for
 from ...distributed.parallel_state import check_layout
+from ...domains import build_domain
 from ...models.teacher import CACHE_FIELDS, cache_record
 
 
@@ -29,10 +29,6 @@ def checked_task_info(cfg: Config, world: int) -> dict:
         raise PreflightError(f"stage_b.train.batch_size ({cfg.stage_b.train.batch_size}) must be divisible by the "
                              f"data-parallel size {world // cfg.stage_b.tp} (world {world} / stage_b.tp {cfg.stage_b.tp})")
     return info
-
-
-def _round_up(n: int, m: int) -> int:
-    return int(math.ceil(n / m) * m)
 
 
 def preflight(cfg: Config) -> dict:
@@ -46,13 +42,16 @@ def preflight(cfg: Config) -> dict:
     zspec = (man.get("fields") or {}).get("z")
     if not zspec:
         raise PreflightError(f"{where}: no field 'z' (not a pair store?)")
-    K, T, d = (int(x) for x in zspec["shape"])
+    K, P, d = (int(x) for x in zspec["shape"])  # P latent positions: T tokens / stage_a.patch
     want_d = cfg.stage_a.latent_dim
     if d != want_d:
         raise PreflightError(f"{where}: latent width of field 'z' is {d} but the generator's latent width "
                                    f"(stage_a.latent_dim) is {want_d}; rebuild the pair store or fix the config")
-    if int(man["seq_len"]) != T:
-        raise PreflightError(f"{where}: seq_len {man['seq_len']} disagrees with field 'z' shape {zspec['shape']}")
+    T = int(man["seq_len"])
+    if T % P or T // P != cfg.stage_a.patch:
+        raise PreflightError(f"{where}: seq_len {man['seq_len']} over the {P} latent positions of field 'z' (shape "
+                             f"{zspec['shape']}) is not stage_a.patch = {cfg.stage_a.patch} tokens per position; "
+                             f"rebuild the pair store or fix the config")
     tok = man.get("tokenizer") or {}
     if not tok.get("vocab_size"):
         raise PreflightError(f"{where}: manifest names no tokenizer vocab_size")
@@ -88,15 +87,16 @@ def preflight(cfg: Config) -> dict:
                                      "use stage_b.kd.source=live or data.vocab=full")
             check_cache(man, where, cfg, path)
         vocab = t_vocab  # student head split exactly like the teacher's
+    # The domain's head layout (text: a multiple of 1024 for TP <= 8, so the head's shape does not
+    # depend on TP and a checkpoint can be resumed at another TP size: distributed.tp_reshape)
+    domain = build_domain(cfg)
     if compact is not None:
         # the teacher's rows for the compact ids are gathered into a head of this size (task.py)
-        vocab = _round_up(compact.size + (1 if masked else 0), math.lcm(1024, 128 * tp))
+        vocab = domain.head_rows(compact.size + (1 if masked else 0), tp)
     elif teacher is None:
-        # A multiple of 1024 for TP <= 8: the head's shape then does not depend on TP, so a
-        # checkpoint can be resumed at another TP size (distributed.tp_reshape).
-        vocab = _round_up(tok_vocab + (1 if masked else 0), math.lcm(1024, 128 * tp))
+        vocab = domain.head_rows(tok_vocab + (1 if masked else 0), tp)
     mask_id = (vocab - 1 if compact is None else compact.size) if masked else None
-    return {"store": store, "manifest": man, "K": K, "seq_len": T, "latent_dim": d, "vocab_size": vocab,
+    return {"store": store, "manifest": man, "K": K, "seq_len": T, "patch": T // P, "latent_dim": d, "vocab_size": vocab,
             "tokenizer": tok, "tok_vocab": tok_vocab, "teacher": teacher, "mask_token_id": mask_id,
             "eos_id": tok.get("eos_id"), "pad_id": tok.get("pad_id"), "vocab": compact,
             "stage_a": check_composite(cfg, man, where) if cfg.stage_b.model.kind == "composite" else None}

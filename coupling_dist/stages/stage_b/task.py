@@ -69,7 +69,8 @@ class StageBTask:
 
     def build_model(self) -> nn.Module:
         i = self.info
-        model = build_generator(self.arch(), i["latent_dim"], i["seq_len"], i["vocab_size"], i["mask_token_id"])
+        model = build_generator(self.arch(), i["latent_dim"], i["seq_len"], i["vocab_size"], i["mask_token_id"],
+                                i.get("patch", 1))
         if i.get("stage_a") is not None:  # warm start: G = D(NF^-1(z)) exactly, before any update
             from safetensors.torch import load_file
 
@@ -202,7 +203,7 @@ class StageBTask:
     def flops_per_sample(self) -> dict:
         i = self.info
         gen = self.model or build_generator(self.arch(), i["latent_dim"], i["seq_len"], i["vocab_size"],
-                                            i["mask_token_id"])
+                                            i["mask_token_id"], i.get("patch", 1))
         out = {"student": gen.flops_per_sample(i["seq_len"])}
         if i["teacher"] is not None and not self.cached_kd:  # a cached teacher costs no FLOPs here
             out["teacher"] = teacher_flops_per_token(self.teacher(D.device()), i["seq_len"], i["vocab_size"]) * i["seq_len"]
@@ -210,7 +211,8 @@ class StageBTask:
 
     def export_meta(self) -> dict:
         i = self.info
-        return {"latent_dim": i["latent_dim"], "seq_len": i["seq_len"], "vocab_size": i["vocab_size"],
+        patch = {"patch": i["patch"]} if i.get("patch", 1) > 1 else {}  # tokens per latent position
+        return {**patch, "latent_dim": i["latent_dim"], "seq_len": i["seq_len"], "vocab_size": i["vocab_size"],
                 "kind": self.cfg.stage_b.model.kind, "mask_token_id": i["mask_token_id"], "eos_id": i["eos_id"],
                 "pad_id": i["pad_id"], "tokenizer": i["tokenizer"], "tokenizer_vocab_size": i["tok_vocab"],
                 "teacher": (i["teacher"] or {}).get("identity"), "pair_store": os.path.abspath(i["store"]),

@@ -1,0 +1,132 @@
+"""The domain layer: one module per kind of data, so the stages never branch on the domain name.
+
+A domain answers, for the stages that call it:
+
+- preprocess: which files the corpus is (``corpus_files``), the items they hold (``iter_items``:
+  a sentence, a digit with its label, ...), how a batch of items becomes fixed-length token rows
+  (``item_codec``: what the preprocess worker runs, a picklable object or the tokenizer reference
+  for text), the manifest's extra shard fields (``shard_fields``, e.g. a class label) and the
+  identity recorded as the shard set's ``tokenizer`` (``tokenizer_identity``: vocabulary size,
+  EOS / pad ids or none, the pixel order, ...), which every later stage compares;
+- Stage A / the pair store: nothing: they see token rows, and Stage A's encoder is the learned
+  token embedding for every domain but text with a frozen LM (``encoder.model``); the latent
+  shape comes from ``stage_a.patch`` (tokens per latent position; the domain orders its tokens so
+  that a latent position's k tokens are consecutive, e.g. a 4x4 pixel patch);
+- Stage B: how many output rows the head has (``head_rows``);
+- sample: how drawn ids become records (``sample_codec``) and pictures (``write_pictures``);
+- evaluate: which evaluator applies (``metric``: ``gen_ppl`` = the causal-LM scorer;
+  ``classifier_frechet`` = the Fréchet distance in a classifier's feature space, with the
+  classifier kind ``feature_net`` and the item order it reads, ``feature_tokens``).
+
+Adding a domain (DNA next): a module with a ``Domain`` subclass, its name in ``DOMAINS`` and in
+``config.DataConfig.domain``'s choices, its corpus asset in ``components/assets.py``.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Iterator, Optional
+
+import numpy as np
+
+
+class Domain:
+    name = "?"
+    metric = "gen_ppl"  # which evaluator stages/evaluate runs (module docstring)
+    feature_net: Optional[str] = None  # classifier_frechet: feature_net.build_feature_net kind
+    n_classes = 0  # classifier_frechet: label classes of the shards' "label" field
+    # (label, file in run.dir/eval) of what the evaluation writes: the pipeline's closing summary
+    eval_outputs = (("metrics table", "results.csv"), ("frontier plot", "frontier.png"))
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    # ------------------------------------------------------------------ preprocess
+    def check_config(self) -> None:
+        """Refuse config values this domain cannot work with (``ConfigError`` naming the key)."""
+
+    def corpus_files(self) -> list[str]:
+        from ..components.assets import resolve_corpus
+
+        return resolve_corpus(self.cfg.data.corpus)
+
+    def tokenizer_identity(self) -> dict:
+        raise NotImplementedError
+
+    def settings_extra(self) -> dict:
+        """Settings beyond the shared ones that determine the shard bytes (in the set fingerprint)."""
+        return {}
+
+    def iter_items(self, files: list[str], limit: Optional[int] = None) -> Iterator:
+        raise NotImplementedError
+
+    def item_codec(self):
+        """What ``stages/preprocess/worker.ShardWorker`` turns items into token rows with: an object
+        with ``encode_items(items) -> (tokens int32 [B, T], mask uint8 [B, T], #truncated, fields)``."""
+        raise NotImplementedError
+
+    def shard_fields(self) -> dict:
+        """Manifest specs of the extra per-sample fields the codec writes ({} for text)."""
+        return {}
+
+    def check_tokenizer(self, info: dict, data_dir: str) -> None:
+        """The shards (``data.source.describe_source`` info) must come from this domain's settings."""
+        from ..data.source import DataMismatchError
+
+        have, want = info["tokenizer"], self.tokenizer_identity()
+        if have.get("hash") and have["hash"] != want["hash"]:
+            raise DataMismatchError(f"{data_dir}/manifest.json: the shards were made as {have.get('name')!r} (hash "
+                                    f"{have['hash']}) but this config makes {want.get('name')!r} (hash {want['hash']}); "
+                                    f"rerun preprocess into a new data.out_dir or fix data.domain / stage_a.patch")
+
+    # ------------------------------------------------------------------ Stage B
+    def head_rows(self, n: int, tp: int) -> int:
+        """Output rows of a Stage B head that must hold ``n`` ids, at tensor-parallel size ``tp``."""
+        m = math.lcm(1024, 128 * tp)  # the TP-size-independent layout (distributed.tp_reshape)
+        return int(math.ceil(n / m) * m)
+
+    # ------------------------------------------------------------------ sample / evaluate
+    def sample_codec(self, meta: dict):
+        """What ``sampling.generate.generate_records`` writes records with (the data tokenizer for text)."""
+        raise NotImplementedError
+
+    def write_pictures(self, samples_path: str, out_dir: str) -> list[str]:
+        """Pictures of a samples file (and of real data) into ``out_dir``; returns their paths."""
+        return []
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer_identity()["vocab_size"])
+
+    # ------------------------------------------------------------------ classifier_frechet evaluation
+    def feature_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """Token rows [N, T] (model order) in the order the evaluation classifier reads."""
+        return tokens
+
+    def sample_file_tokens(self, path: str) -> np.ndarray:
+        """A samples file's rows [N, T] in the classifier's order."""
+        raise NotImplementedError
+
+    def inception_images(self, tokens: np.ndarray):
+        """Images [N, H, W] for the standard Inception FID, or None (not images)."""
+        return None
+
+    def write_grid(self, tokens: np.ndarray, path: str) -> None:
+        """A picture of rows in the classifier's order (nothing by default)."""
+
+
+# data.domain -> "module:class" (imported on demand: text never loads the image code and back)
+DOMAINS = {"text": ".text:TextDomain", "binary_image": ".binary_image:BinaryImageDomain"}
+
+
+def build_domain(cfg) -> Domain:
+    """The ``Domain`` of ``data.domain`` (validated against the config)."""
+    from ..config import ConfigError
+
+    name = cfg.data.domain
+    if name not in DOMAINS:
+        raise ConfigError(f"'data.domain' = {name!r} is not built yet (built: {sorted(DOMAINS)})")
+    module, cls = DOMAINS[name].split(":")
+    dom = getattr(importlib.import_module(module, __package__), cls)(cfg)
+    dom.check_config()
+    return dom
