@@ -143,3 +143,15 @@ def test_paper_plan_without_the_corpus(capsys, tmp_path):
     assert run_tool("plan", main, add_arguments, ["--config", PAPER, f"run.dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: data.corpus") and "corpus not found" in err and "pass --samples N" in err
+
+
+def test_plan_of_a_patched_image_run(tmp_path):
+    """MNIST-Binary (data.domain binary_image, stage_a.patch 16): the heads span the 2 pixel values,
+    not a tokenizer's vocabulary, and the pair store holds 784 / 16 = 49 latent positions."""
+    cfg = load_config("configs/mnist_demo.yaml", [f"run.dir={tmp_path}"])
+    plan = build_plan(cfg, "configs/mnist_demo.yaml", samples=1000)
+    arts = _by_name(plan)
+    z_raw = 49 * cfg.stage_a.latent_dim * 4  # float32 [1, 49, 16]
+    per_sample = arts["pair_store", "pair store"].bytes / 1000
+    assert z_raw < per_sample < z_raw + 784 * 5 + 3 * 1024  # + tokens, mask and tar headers, never 784 latents
+    assert arts["stage_a", "export"].bytes < 8e6  # ~1.4 M params: no 151k-row head

@@ -205,6 +205,10 @@ class Planner:
     def tok_vocab(self) -> int:
         if self.source is not None and (self.source.tokenizer or {}).get("vocab_size"):
             return int(self.source.tokenizer["vocab_size"])
+        if self.cfg.data.domain != "text":  # pixels, nucleotides: the domain's own alphabet, no tokenizer
+            from ..domains import build_domain
+
+            return build_domain(self.cfg).vocab_size
         size, note = A.tokenizer_vocab(self.cfg.data.tokenizer)
         if size is None:
             raise PlanError(f"data.tokenizer {self.cfg.data.tokenizer!r}: {note}; point it at a local tokenizer")
@@ -387,7 +391,8 @@ class Planner:
 
     def pair_store(self, compute: bool = True) -> tuple[list, list]:
         ps, T, d = self.cfg.pair_store, self.T, self.cfg.stage_a.latent_dim
-        specs = {"z": (ps.dtype, (ps.multiplicity, T, d)), "tokens": ("int32", (T,)), "mask": ("uint8", (T,))}
+        P = T // self.cfg.stage_a.patch  # latent positions: stage_a.patch tokens each
+        specs = {"z": (ps.dtype, (ps.multiplicity, P, d)), "tokens": ("int32", (T,)), "mask": ("uint8", (T,))}
         if ps.teacher_topk:
             from ..models.teacher import cache_fields
 
@@ -397,7 +402,7 @@ class Planner:
         if compute:
             model = self.stage_a_model()
             proj = 2 * model.feature_dim * d * (2 if model.logvar is not None else 1)
-            per = ps.multiplicity * T * (proj + model.flow.flops_per_token(T))
+            per = ps.multiplicity * (T * proj + P * model.flow.flops_per_token(P))
             what = [f"projection + flow forward x {ps.multiplicity} latents"]
             if self.online and self.cfg.encoder.model:
                 per += T * self.encoder_fpt()
@@ -436,7 +441,8 @@ class Planner:
             vocab = math.ceil((self.tok_vocab() + masked) / lcm) * lcm
         arch = composite_arch(self.cfg.stage_a) if sb.model.kind == "composite" else sb.model
         with torch.device("meta"):
-            gen = build_generator(arch, self.cfg.stage_a.latent_dim, self.T, vocab, vocab - 1 if masked else None)
+            gen = build_generator(arch, self.cfg.stage_a.latent_dim, self.T, vocab, vocab - 1 if masked else None,
+                                  self.cfg.stage_a.patch)
         return gen, vocab, teacher
 
     def stage_b(self, compute: bool = True) -> tuple[list, list]:
