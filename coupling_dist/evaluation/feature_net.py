@@ -76,7 +76,7 @@ class Digit2D(nn.Module):
 
 
 class Seq1D(nn.Module):
-    """Three conv1d(k=9) blocks (64, 64, 128 channels; max-pool 4 after the first two), global max
+    """Three conv1d(k=9) blocks (32, 64, 128 channels; max-pool 4 after the first two), global max
     and mean pooling, fc(128) [features] -> fc(n_classes)."""
 
     kind = "seq1d"
@@ -87,8 +87,8 @@ class Seq1D(nn.Module):
             raise ValueError(f"seq1d needs sequences of length >= 144 (its receptive field); got {length}")
         self.n_classes, self.vocab, self.length = n_classes, vocab, length
         self.num_features = NUM_FEATURES
-        self.conv1 = nn.Conv1d(vocab, 64, 9, padding=4)
-        self.conv2 = nn.Conv1d(64, 64, 9, padding=4)
+        self.conv1 = nn.Conv1d(vocab, 32, 9, padding=4)
+        self.conv2 = nn.Conv1d(32, 64, 9, padding=4)
         self.conv3 = nn.Conv1d(64, 128, 9, padding=4)
         self.fc = nn.Linear(2 * 128, NUM_FEATURES)
         self.head = nn.Linear(NUM_FEATURES, n_classes)
