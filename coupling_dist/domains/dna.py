@@ -115,7 +115,9 @@ class _ArraysOnly(pickle.Unpickler):
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("collections", "OrderedDict")}
+               ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
+               ("numpy._core.numeric", "_frombuffer"), ("collections", "OrderedDict"),  # _frombuffer: protocol 5
+               ("_codecs", "encode")}  # array bytes in protocols 0-2 (str -> bytes, nothing else)
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
