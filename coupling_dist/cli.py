@@ -7,7 +7,8 @@ and returns a short summary. Config errors and errors in the user's inputs (``Co
 checkpoint, export or samples file, whenever it is found) become one ``error: ...`` line naming the
 file and the fix, and exit status 2; ``--debug`` (or ``COUPLING_DIST_DEBUG=1``, which ``--debug``
 sets for child processes and Ray actors too) adds the traceback. The pipeline's shim calls
-``run_driver`` (it launches the stages as child processes and returns their status).
+``run_driver`` (it launches the stages as child processes and returns their status); the planner's
+``run_tool`` (a config in, a table out: nothing written, no lock, no marker).
 """
 from __future__ import annotations
 
@@ -35,20 +36,27 @@ def report_error(e: BaseException) -> int:
 
 
 def parse_args(stage: str, argv: Optional[list[str]] = None) -> tuple[Optional[str], list[str]]:
+    a = _parse(stage, argv)
+    return a.config, a.overrides
+
+
+def _parse(stage: str, argv: Optional[list[str]] = None,
+           add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"python -m coupling_dist.{stage}",
                                 description=f"coupling_dist {stage}: see README.md")
     p.add_argument("--config", default=None, help="YAML run config (default: configs/demo.yaml)")
     p.add_argument("--debug", action="store_true",
                    help=f"print the traceback of an error exit (also: {DEBUG_ENV}=1)")
+    if add_arguments is not None:  # an entry's own options (the planner's --gpus ...)
+        add_arguments(p)
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. run.dir=runs/x")
     a = p.parse_args(argv)
     if a.debug:  # the environment carries it to child stages, torchrun ranks and Ray actors
         os.environ[DEBUG_ENV] = "1"
-    path = a.config
-    if path is None:
+    if a.config is None:
         here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
-        path = here if os.path.isfile(here) else None
-    return path, a.overrides
+        a.config = here if os.path.isfile(here) else None
+    return a
 
 
 def load(stage: str, argv: Optional[list[str]] = None) -> Config:
@@ -111,5 +119,16 @@ def run_driver(name: str, fn: Callable[[Optional[str], list[str]], int], argv: O
     path, overrides = parse_args(name, argv)
     try:
         return fn(path, overrides)
+    except USER_ERRORS as e:
+        return report_error(e)
+
+
+def run_tool(name: str, fn: Callable[[Config, argparse.Namespace], int],
+             add_arguments: Callable[[argparse.ArgumentParser], None], argv: Optional[list[str]] = None) -> int:
+    """An entry that reads a config and writes nothing (``plan``): no lock, no completion marker, no
+    run.dir check; ``fn(cfg, args) -> exit status``; user errors exit with 2 as everywhere."""
+    a = _parse(name, argv, add_arguments)
+    try:
+        return fn(load_config(a.config, a.overrides), a)
     except USER_ERRORS as e:
         return report_error(e)

@@ -47,8 +47,9 @@ STALE = ".stale-"  # <stage dir>.stale-<time>: a directory moved aside before a 
 _TRAIN_HOW = ("ckpt_interval", "keep_last", "eval_interval", "eval_batches", "resume", "peak_flops",
               "activation_checkpointing", "offload_optimizer", "zero_stage")
 CONFIG_KEYS = {
-    "preprocess": (("data.", "encoder."), ("data.corpus", "data.out_dir", "data.verify_existing", "data.vocab",
-                                           "encoder.batch_size", "encoder.device")),
+    "preprocess": (("data.", "encoder.", "stage_a.online_encoder"),
+                   ("data.corpus", "data.out_dir", "data.verify_existing", "data.vocab", "encoder.batch_size",
+                    "encoder.device")),
     "stage_a": (("run.seed", "data.vocab", "stage_a."), ("stage_a.ray_workers",)
                 + tuple(f"stage_a.train.{k}" for k in _TRAIN_HOW)),
     "pair_store": (("run.seed", "pair_store."), ("pair_store.artifact", "pair_store.ray_workers", "pair_store.device")),
@@ -220,7 +221,25 @@ def config_record(cfg, stage: str) -> dict:
             and k not in exclude]
     if stage == "pair_store" and cfg.pair_store.teacher_topk:  # the cached teacher's identity
         keys += ["stage_b.kd.teacher", "stage_b.kd.temperature"]
-    return {k: flat[k] for k in sorted(keys)}
+    out = {k: flat[k] for k in sorted(keys)}
+    if stage in ("stage_a", "pair_store") and cfg.stage_a.online_encoder:
+        out.update(online_encoder_record(cfg))
+    return out
+
+
+def online_encoder_record(cfg) -> dict:
+    """Under ``stage_a.online_encoder`` Stage A and the pair store run the frozen encoder
+    themselves: its keys, its identity (``assets.identity``: the hash the shard manifests record)
+    and the training precision it computes in are then part of what determines their output."""
+    from .assets import identity
+
+    e = cfg.encoder
+    try:
+        ident = identity(e.model)["hash"]
+    except (OSError, ValueError):  # the stage's pre-flight reports an unloadable encoder
+        ident = None
+    return {"encoder.model": e.model, "encoder.layer": e.layer, "encoder.dtype": e.dtype,
+            "encoder.identity": ident, "stage_a.train.precision": cfg.stage_a.train.precision}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -54,6 +54,15 @@ from .optim import build_optimizer, scheduler_factory
 LOG = get_logger("trainer")
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``train.precision`` on ``device``: auto is bf16 on CUDA, fp32 elsewhere."""
+    return precision if precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+
+
+def training_dtype(precision: str, device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if resolve_precision(precision, device) == "bf16" else torch.float32
+
+
 @dataclasses.dataclass
 class TrainResult:
     step: int
@@ -121,7 +130,7 @@ class Trainer:
         if cfg.batch_size % self.dp_world:
             raise ValueError(f"train.batch_size ({cfg.batch_size}) must be divisible by the data-parallel size "
                              f"({self.dp_world})")
-        self.precision = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        self.precision = resolve_precision(cfg.precision, self.device)
         self.layout = {"world": D.world_size(), "dp_world": self.dp_world, "mp_world": self.mp_world,
                        "zero_stage": cfg.zero_stage, "precision": self.precision, "global_batch": cfg.batch_size}
         key = f"{self.stage}.train.resume" if self.stage in ("stage_a", "stage_b") else "train.resume"
@@ -158,8 +167,7 @@ class Trainer:
             self.dp_rank, self.dp_world, self.mp_rank, self.mp_world = D.rank(), D.world_size(), 0, 1
 
     def _measured_peak(self) -> float:
-        dtype = torch.bfloat16 if self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and
-                                                                    self.device.type == "cuda") else torch.float32
+        dtype = training_dtype(self.cfg.precision, self.device)
         peak = measure_gemm_flops(self.device, dtype) if D.is_main() else None
         return float(D.broadcast_object(peak))
 

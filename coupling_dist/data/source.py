@@ -1,8 +1,11 @@
 """What the stages downstream of preprocessing need from a preprocessed shard set, with clear errors.
 
 ``describe_source`` reads a manifest into the facts Stage A and the pair store check (seq_len,
-vocabulary, tokenizer and encoder identity, feature width); ``check_tokenizer`` refuses shards made
-with another tokenizer than the config names. Mismatches raise ``DataMismatchError``, a
+vocabulary, tokenizer and encoder identity, feature width -- of stored features, or of those the
+stages compute per batch from token-only shards: ``online_features``); ``check_tokenizer`` refuses
+shards made with another tokenizer than the config names; ``check_feature_source`` and
+``check_online_encoder`` refuse a ``stage_a.online_encoder`` setting or an encoder that does not
+fit the shards. Mismatches raise ``DataMismatchError``, a
 ``PreflightError`` (exit status 2 before any work).
 """
 from __future__ import annotations
@@ -37,9 +40,45 @@ def describe_source(man, data_dir: str) -> dict:
     vocab = tok.get("vocab_size") or d.get("vocab_size")
     if vocab is None:
         raise DataMismatchError(f"{where}: manifest has no tokenizer vocab_size")
+    online = d.get("online_features")  # tokens only: the stages compute these (stage_a.online_encoder)
+    feat = feat or online
     return {"seq_len": int(seq_len), "vocab_size": int(vocab), "tokenizer": tok,
             "encoder": d.get("encoder") or {}, "feature_dim": int(feat["shape"][-1]) if feat else None,
-            "feature_dtype": (feat or {}).get("dtype")}
+            "feature_dtype": (feat or {}).get("dtype"), "online_features": bool(online)}
+
+
+def check_feature_source(online_encoder: bool, info: dict, data_dir: str) -> None:
+    """Shards with stored features need ``stage_a.online_encoder: false``; shards preprocessed
+    with it true (tokens only, features computed per batch) need it true."""
+    where = os.path.join(data_dir, "manifest.json")
+    if info["online_features"] and not online_encoder:
+        raise DataMismatchError(f"{where}: these shards hold tokens only (preprocessed with "
+                                f"stage_a.online_encoder: true; the frozen encoder runs per batch), but "
+                                f"stage_a.online_encoder is false: set it true, or rerun preprocess with it "
+                                f"false into another data.out_dir to store the features")
+    if online_encoder and not info["online_features"]:
+        held = "stored encoder features" if info["feature_dim"] else "no encoder record (encoder.model: null)"
+        raise DataMismatchError(f"{where}: stage_a.online_encoder is true but these shards hold {held}: "
+                                f"set stage_a.online_encoder false to use them, or rerun preprocess with "
+                                f"stage_a.online_encoder: true into another data.out_dir")
+
+
+def check_online_encoder(enc_cfg, info: dict, data_dir: str) -> None:
+    """The encoder the config would run online (``enc_cfg``: the ``encoder`` section) must be the
+    one the shards' manifest records: model identity (hash), layer and dtype; else the features
+    would not be the ones the shard set describes."""
+    from ..components import assets
+
+    rec = info["encoder"] or {}
+    want = {"hash": assets.identity(enc_cfg.model)["hash"], "layer": enc_cfg.layer, "dtype": enc_cfg.dtype}
+    keys = {"hash": "encoder.model", "layer": "encoder.layer", "dtype": "encoder.dtype"}
+    bad = [k for k in want if rec.get(k) != want[k]]
+    if bad:
+        raise DataMismatchError(
+            f"{os.path.join(data_dir, 'manifest.json')}: the shards were preprocessed for online features of "
+            f"{describe_encoder(rec, bad)}, but the config's " + ", ".join(
+                f"{keys[k]} gives {k} {want[k]!r}" for k in bad) + " (encoder.model "
+            f"{enc_cfg.model!r}); fix the encoder section or rerun preprocess")
 
 
 # Every key of the manifest's encoder record but its name determines the features (a name is not

@@ -298,11 +298,14 @@ class StageAModel(nn.Module):
         return 3.0 * seq_len * per_tok
 
 
-def source_of_samples(model: StageAModel, samples: list[dict], vocab=None, device="cpu") -> torch.Tensor:
-    """The encoder input of shard samples: their stored features, or for the token-embedding
+def source_of_samples(model: StageAModel, samples: list[dict], vocab=None, device="cpu", features=None) -> torch.Tensor:
+    """The encoder input of shard samples: their stored features, or those ``features`` (the online
+    frozen encoder: token ids -> features) computes from their tokens, or for the token-embedding
     encoder their token ids as head rows (``vocab``: the export's ``CompactVocab``, or None)."""
-    if model.embeds_tokens:
+    if model.embeds_tokens or features is not None:
         tok = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
+        if not model.embeds_tokens:
+            return features(tok.to(device))
         return (tok if vocab is None else vocab.to_compact(tok)).to(device)
     return torch.from_numpy(np.stack([s["features"] for s in samples])).to(device)
 

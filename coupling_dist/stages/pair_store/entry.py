@@ -11,6 +11,10 @@ Output: ``run.dir/pair_store/`` is a normal shard set (fields ``z`` [K, T, d] in
 ``pair_store.dtype``, ``tokens``, ``mask``; with ``pair_store.teacher_topk`` = k > 0 also the KD
 teacher's top-k cache ``teacher_ids`` / ``teacher_logp`` / ``teacher_tail``, ``models.teacher``),
 read by Stage B through the same ShardLoader.
+
+Source shards of ``stage_a.online_encoder`` hold tokens only: each rank then runs the frozen encoder
+on every batch before encoding it (``online_features``), computing the features preprocess would
+have stored.
 """
 from __future__ import annotations
 
@@ -25,8 +29,11 @@ from ...components.paths import stage_dir
 from ...config import Config
 from ...data.shard_job import ShardJob
 from ...data.vocab import CompactVocab
+from ...planning.run_plan import check_disk
 from ...models.stage_a_export import load_stage_a
 from ...components.assets import load_causal_lm
+from ...components.trainer import training_dtype
+from ...models.frozen_encoder import OnlineFeatures
 from ...models.teacher import cache_fields, teacher_dtype
 from . import writer
 from .preflight import prepare
@@ -44,6 +51,13 @@ def pick_device(cfg: Config) -> torch.device:
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         return D.device() if torch.cuda.is_available() else torch.device("cuda")
     return torch.device("cpu")
+
+
+def online_features(cfg: Config, device: torch.device) -> OnlineFeatures:
+    """Token-only shards (``stage_a.online_encoder``): the frozen encoder on this rank, in Stage A's
+    training precision on this device, so the latents see the features Stage A trained on."""
+    e = cfg.encoder
+    return OnlineFeatures(e.model, e.layer, e.dtype, device, training_dtype(cfg.stage_a.train.precision, device))
 
 
 def write_manifest(cfg: Config, ctx: dict) -> dict:
@@ -96,6 +110,7 @@ def rank_main(cfg: Config) -> dict:
     rank, world = info["rank"], info["world"]
     setup_logging(stage_dir(cfg, "pair_store"), rank)
     ctx = prepare(cfg)  # every rank refuses a mismatched artifact before any work
+    check_disk(cfg, "pair_store", show=rank == 0)  # the store fits the disk
     model, _ = load_stage_a(ctx["artifact"], pick_device(cfg))  # loaded once: the report reuses it
     ps = cfg.pair_store
     cache = None
@@ -103,16 +118,17 @@ def rank_main(cfg: Config) -> dict:
         dev = pick_device(cfg)
         cache = {"model": load_causal_lm(ctx["teacher_path"], dev, teacher_dtype(dev)), "k": ps.teacher_topk,
                  "temperature": cfg.stage_b.kd.temperature}
+    features = online_features(cfg, pick_device(cfg)) if ctx["online"] else None
     work = writer.run_rank(model=model, source_dir=ctx["data_dir"], plan=ctx["plan"], out_dir=ctx["out_dir"],
                            rank=rank, world=world, seed=cfg.run.seed, K=ps.multiplicity, dtype=ps.dtype,
                            batch_size=ps.batch_size, artifact_hash=ctx["artifact_hash"], settings=ctx["settings"],
                            device=pick_device(cfg), log=LOG.info, teacher_cache=cache,
-                           vocab=CompactVocab.from_meta(ctx["meta"].get("vocab")))
+                           vocab=CompactVocab.from_meta(ctx["meta"].get("vocab")), features=features)
     results = _gather(work, world)
     summary: dict = {"ranks": results}
     if rank == 0:
         write_manifest(cfg, ctx)
-        report = build_report(cfg, ctx, model)
+        report = build_report(cfg, ctx, model, features)
         LOG.info("pair store %s complete: %s", ctx["out_dir"], json.dumps(results))
         print("latent-matching report (" + os.path.join(ctx["out_dir"], "report.json") + "):\n" + format_table(report))
         lat = report["latents"]

@@ -1,6 +1,10 @@
 """Pair-store pre-flight: everything a rank needs, validated before any work (pure reads, so every
 rank -- and the Ray driver -- may call ``prepare``). The Stage A artifact must fit the source shards
-(tokenizer, seq_len, feature width, the full encoder identity, vocabulary); otherwise ``PreflightError`` names both sides."""
+(tokenizer, seq_len, feature width, the full encoder identity, vocabulary); otherwise ``PreflightError`` names both
+sides. Token-only shards preprocessed under ``stage_a.online_encoder`` record the same encoder identity as
+stored features would, so an artifact trained either way fits either kind of shard set; with
+token-only shards the ranks compute the features per batch (``online``), after checking that the
+config's ``encoder`` section is the one the shards record."""
 from __future__ import annotations
 
 import os
@@ -11,7 +15,8 @@ from ...components.paths import data_dir, pair_store_dir, stage_a_artifact
 from ...components.preflight import PreflightError, check_export, teacher_path
 from ...config import Config
 from ...data.shard_job import fingerprint
-from ...data.source import DataMismatchError, describe_encoder, describe_source, encoder_differences
+from ...data.source import (DataMismatchError, check_feature_source, check_online_encoder, describe_encoder,
+                            describe_source, encoder_differences)
 from ...models.stage_a_export import artifact_hash, read_meta
 from ...models.teacher import cache_record
 
@@ -76,6 +81,11 @@ def _prepare(cfg: Config) -> dict:
     man = Manifest.load(src_dir)
     info = describe_source(man, src_dir)
     check_artifact(meta, info, art, src_dir)
+    check_feature_source(cfg.stage_a.online_encoder, info, src_dir)
+    # token-only shards and an artifact that reads features: run the frozen encoder per batch
+    online = bool(info["online_features"] and int(meta.get("feature_dim", 0)))
+    if online:
+        check_online_encoder(cfg.encoder, info, src_dir)
     plan = source_plan(man)
     if not plan:
         raise DataMismatchError(f"{os.path.join(src_dir, 'manifest.json')}: lists no shards")
@@ -84,10 +94,12 @@ def _prepare(cfg: Config) -> dict:
     t_path, cache = teacher_cache(cfg, info, src_dir)
     if cache:  # only then: stores written without a cache keep their fingerprints
         settings["teacher_cache"] = cache
+    if online:  # likewise
+        settings["online_features"] = True
     src_hash = fingerprint([[e["name"], e.get("count"), e.get("sha256")] for e in plan])
     return {"data_dir": src_dir, "artifact": art, "meta": meta, "info": info, "plan": plan,
             "settings": settings, "artifact_hash": artifact_hash(art), "source_hash": src_hash,
-            "out_dir": pair_store_dir(cfg), "teacher_path": t_path, "teacher_cache": cache}
+            "out_dir": pair_store_dir(cfg), "teacher_path": t_path, "teacher_cache": cache, "online": online}
 
 
 def teacher_cache(cfg: Config, info: dict, src_dir: str) -> tuple[Optional[str], Optional[dict]]:

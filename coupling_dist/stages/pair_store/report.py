@@ -202,7 +202,8 @@ def _predict(model, u: torch.Tensor, mask: torch.Tensor, vocab: Optional[Compact
 
 
 @torch.no_grad()
-def build_report(cfg: Config, ctx: dict, model) -> dict:
+def build_report(cfg: Config, ctx: dict, model, features=None) -> dict:
+    """``features``: the online frozen encoder for token-only source shards (None: stored features)."""
     ps, out_dir = cfg.pair_store, ctx["out_dir"]
     splits = sorted({e["split"] for e in ctx["plan"]})
     train_split = "train" if "train" in splits else splits[0]
@@ -233,7 +234,7 @@ def build_report(cfg: Config, ctx: dict, model) -> dict:
     rt_zuz = rt_uzu = 0.0
     for i in range(0, len(src), ps.batch_size):
         chunk = src[i:i + ps.batch_size]
-        source = source_of_samples(model, chunk, vocab, dev)
+        source = source_of_samples(model, chunk, vocab, dev, features)
         m = torch.from_numpy(np.stack([s["mask"] for s in chunk])).to(dev).bool()
         tok = torch.from_numpy(np.stack([s["tokens"] for s in chunk])).to(dev).long()
         T = model.latent_len(m.shape[1])

@@ -61,15 +61,16 @@ def units(plan: list[dict], artifact_hash: str, settings: dict) -> list[tuple[st
 
 @torch.no_grad()
 def encode_samples(model, samples: list[dict], *, seed: int, K: int, dtype: str, batch_size: int,
-                   device="cpu", teacher_cache: Optional[dict] = None, vocab=None) -> list[dict]:
+                   device="cpu", teacher_cache: Optional[dict] = None, vocab=None, features=None) -> list[dict]:
     """Source samples (``__key__``, tokens, mask, features) -> pair samples (``__key__``, z, tokens,
     mask, and with ``teacher_cache`` = {model, k, temperature} the KD cache fields of
-    ``models.teacher.cache_arrays``: the teacher sees the same batches whatever the rank count)."""
+    ``models.teacher.cache_arrays``: the teacher sees the same batches whatever the rank count).
+    ``features``: the online frozen encoder (tokens -> features) for token-only source shards."""
     out: list[dict] = []
     d = model.latent_dim
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
-        source = source_of_samples(model, chunk, vocab, device)
+        source = source_of_samples(model, chunk, vocab, device, features)
         mask = torch.from_numpy(np.stack([s["mask"] for s in chunk])).to(device)
         T = model.latent_len(mask.shape[1])  # latent positions (tokens / stage_a.patch)
         eps = torch.stack([sample_noise(seed, s["__key__"], K, T, d) for s in chunk]).to(device)  # [B, K, T, d]
@@ -91,7 +92,8 @@ def encode_samples(model, samples: list[dict], *, seed: int, K: int, dtype: str,
 
 def run_rank(*, model, source_dir: str, plan: list[dict], out_dir: str, rank: int, world: int, seed: int,
              K: int, dtype: str, batch_size: int, artifact_hash: str, settings: dict, device="cpu",
-             log: Optional[Callable[[str], None]] = None, teacher_cache: Optional[dict] = None, vocab=None) -> dict:
+             log: Optional[Callable[[str], None]] = None, teacher_cache: Optional[dict] = None, vocab=None,
+             features=None) -> dict:
     """Encode this rank's units (``plan[rank::world]``); return counts. Uses no collectives, so the
     same function serves torchrun/srun ranks and Ray actors."""
     job = ShardJob(out_dir)
@@ -106,7 +108,7 @@ def run_rank(*, model, source_dir: str, plan: list[dict], out_dir: str, rank: in
         faults.point("pair_store.unit", rank=rank, done=done)
         src = sh.read_shard(os.path.join(source_dir, entry["name"]))
         pairs = encode_samples(model, src, seed=seed, K=K, dtype=dtype, batch_size=batch_size, device=device,
-                               teacher_cache=teacher_cache, vocab=vocab)
+                               teacher_cache=teacher_cache, vocab=vocab, features=features)
         job.write(entry["name"], pairs, fp, split=entry["split"], source_sha256=entry.get("sha256"))
         done += 1
         samples += len(pairs)

@@ -1,7 +1,8 @@
 """What preprocessing will write: the settings that determine the bytes, the split, the shard plan.
 
 1. Settings that determine the bytes (corpus content hash, tokenizer/encoder identity, layer,
-   dtype, seq_len, shard_size, split, max_samples) are hashed into the set *fingerprint*. An
+   dtype, seq_len, shard_size, split, max_samples, and whether the features are left to Stage A:
+   ``stage_a.online_encoder``) are hashed into the set *fingerprint*. An
    output dir holding another fingerprint is refused (naming the differing settings) rather than
    mixed or overwritten.
 2. The split is deterministic and independent of ``run.seed``: ``round(N * heldout_fraction)``
@@ -73,10 +74,13 @@ def build_settings(cfg: Config) -> dict:
     except (OSError, ValueError) as e:
         raise ConfigError(f"'data.tokenizer' = {d.tokenizer!r} cannot be loaded: {e}") from None
     enc = encoder_info(cfg.encoder.model, cfg.encoder.layer, cfg.encoder.dtype, tok["vocab_size"])
-    return {"corpus": C.files_identity(files), "files": files, "format": d.format, "text_field": d.text_field,
-            "tokenizer": tok, "encoder": enc, "seq_len": d.seq_len, "shard_size": d.shard_size,
-            "heldout_fraction": d.heldout_fraction, "max_samples": d.max_samples, "split_seed": SPLIT_SEED,
-            **domain.settings_extra()}
+    settings = {"corpus": C.files_identity(files), "files": files, "format": d.format, "text_field": d.text_field,
+                "tokenizer": tok, "encoder": enc, "seq_len": d.seq_len, "shard_size": d.shard_size,
+                "heldout_fraction": d.heldout_fraction, "max_samples": d.max_samples, "split_seed": SPLIT_SEED,
+                **domain.settings_extra()}
+    if cfg.stage_a.online_encoder:  # only then: shard sets with stored features keep their fingerprints
+        settings["online_features"] = True
+    return settings
 
 
 def fingerprint(settings: dict) -> str:

@@ -1,5 +1,9 @@
 """Preprocessing: corpus -> tokens (+ frozen-encoder features) -> WebDataset shards + manifest.
 
+Under ``stage_a.online_encoder`` the shards hold tokens and mask only; the manifest keeps the full
+encoder record and an ``online_features`` entry (dtype, shape) in place of the ``features`` field,
+so the stages that compute them check the same identity as for stored features.
+
 ``preprocess(cfg) -> manifest path`` (entry: ``python -m coupling_dist.preprocess``):
 
 1. The settings, their fingerprint, the split and the shard plan (``plan``); an output dir made
@@ -27,6 +31,7 @@ from ...config import Config, ConfigError
 from ...data import shards as S
 from ...data.shard_job import ShardJob
 from ...domains import build_domain
+from ...planning.run_plan import check_disk
 from .plan import (PreprocessError, build_settings, check_existing, count_samples, fingerprint, iter_tasks,
                    make_plan)
 from .worker import ShardWorker
@@ -73,12 +78,15 @@ def preprocess(cfg: Config) -> str:
     if n == 0:
         raise ConfigError(f"'data.corpus' = {cfg.data.corpus!r}: no non-empty sentences in {files}")
     plan, held = make_plan(n, cfg.data.heldout_fraction, cfg.data.shard_size, set_fp)
+    check_disk(cfg, "preprocess", samples=n)  # prints the bytes to write; refuses when they do not fit
     done, pending = job.collect((e["name"], e["fingerprint"]) for e in plan)
     log.info("%d sentences -> %d shards (%d train, %d heldout samples); %d done, %d to write", n, len(plan),
              int((~held).sum()), int(held.sum()), len(done), len(pending))
     written: list[dict] = []
     if pending:
-        enc = {"model": cfg.encoder.model, "layer": cfg.encoder.layer, "dtype": cfg.encoder.dtype,
+        # stage_a.online_encoder: tokens only; Stage A and the pair store compute the features
+        model = None if cfg.stage_a.online_encoder else cfg.encoder.model
+        enc = {"model": model, "layer": cfg.encoder.layer, "dtype": cfg.encoder.dtype,
                "batch_size": cfg.encoder.batch_size}
         written = run_tasks(cfg, iter_tasks(files, cfg, held, plan, set(pending)), len(pending), out_dir, enc)
         done.update({rec["name"]: rec for rec in written})
@@ -94,15 +102,20 @@ def write_manifest(cfg: Config, out_dir: str, plan: list[dict], done: dict, sett
     fields = {"tokens": {"dtype": "int32", "shape": [T]}, "mask": {"dtype": "uint8", "shape": [T]},
               **build_domain(cfg).shard_fields()}
     enc = settings["encoder"]
+    extra = {"fingerprint": set_fp}
     if enc.get("name"):
-        fields["features"] = {"dtype": enc["dtype"], "shape": [T, enc["hidden_size"]]}
+        feat = {"dtype": enc["dtype"], "shape": [T, enc["hidden_size"]]}
+        if settings.get("online_features"):  # what Stage A will compute per batch (data.source)
+            extra["online_features"] = feat
+        else:
+            fields["features"] = feat
     shards = [{k: done[e["name"]][k] for k in ("name", "split", "count", "bytes", "sha256", "first_key", "last_key")}
               for e in plan]
     stats = {"sentences": n, "truncated": int(sum(done[e["name"]].get("truncated", 0) for e in plan)),
              "real_tokens": int(sum(done[e["name"]].get("tokens", 0) for e in plan))}
     man = S.Manifest(kind="preprocess", seq_len=T, fields=fields, shards=shards, tokenizer=settings["tokenizer"],
-                     encoder=enc, extra={"fingerprint": set_fp, "stats": stats,
-                                         "settings": {k: v for k, v in settings.items() if k != "files"}})
+                     encoder=enc, extra=dict(extra, stats=stats,
+                                             settings={k: v for k, v in settings.items() if k != "files"}))
     path = S.Manifest.path(out_dir)
     if os.path.isfile(path) and n_written == 0:
         old = S.Manifest.load(out_dir)

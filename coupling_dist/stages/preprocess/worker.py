@@ -3,7 +3,9 @@ pool (``components.ray_pool``), or in-process (tests, the benchmark's single-pro
 
 Per shard: tokenize -> append EOS -> pad/truncate to seq_len with a mask -> optional frozen-encoder
 forward (no_grad, hidden state ``encoder.layer`` computed by only the layers it needs:
-``models.frozen_encoder``, stored as ``encoder.dtype``) -> the shard and its sidecar through ``data.shard_job`` (atomic; the sidecar last).
+``models.frozen_encoder``, stored as ``encoder.dtype``; none under ``stage_a.online_encoder``, where
+Stage A computes the same features itself) -> the shard and its sidecar through ``data.shard_job``
+(atomic; the sidecar last).
 """
 from __future__ import annotations
 
@@ -47,15 +49,14 @@ class ShardWorker:
     def encode(self, tokens: np.ndarray) -> np.ndarray:
         import torch
 
+        from ...models.frozen_encoder import stored_features
+
         dtype, bs = self.enc.get("dtype", "float16"), int(self.enc.get("batch_size", 64))
         outs = []
-        with torch.no_grad():
-            for i in range(0, len(tokens), bs):
-                ids = torch.from_numpy(tokens[i:i + bs]).long().to(self.device)
-                # Full attention over the padded sequence (data.source.PAD_FEATURES): pad positions
-                # get the LM's own features for the pad/EOS ids that follow the text.
-                h = self.model(ids, torch.ones_like(ids)).float()
-                outs.append(to_stored(h, dtype))
+        for i in range(0, len(tokens), bs):
+            ids = torch.from_numpy(tokens[i:i + bs]).to(self.device)
+            # the same function computes them online (stage_a.online_encoder): one definition
+            outs.append(to_stored(stored_features(self.model, ids, dtype), dtype))
         return np.concatenate(outs)
 
     def build(self, keys: list[str], texts: list) -> tuple[list[dict], int]:

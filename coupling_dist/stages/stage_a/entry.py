@@ -15,6 +15,7 @@ from ...components.logging import setup_logging
 from ...components.paths import data_dir, stage_a_export, stage_dir
 from ...components.training import build_loaders, train_and_export
 from ...config import Config
+from ...planning.run_plan import check_disk
 from .preflight import preflight
 
 
@@ -23,7 +24,9 @@ def train(cfg: Config) -> dict:
     info = D.init_distributed()
     setup_logging(stage_dir(cfg, "stage_a"), info["rank"])
     task = preflight(cfg)
-    fields = (["features"] if task.feature_dim else []) + ["tokens", "mask"]  # no features: token embedding
+    check_disk(cfg, "stage_a", show=D.is_main())  # checkpoints + export fit the disk (every rank checks its own)
+    # no stored features: the token embedding, or the frozen encoder run per batch (online)
+    fields = (["features"] if task.feature_dim and not task.online else []) + ["tokens", "mask"]
     loaders = build_loaders(data_dir(cfg), fields, cfg.stage_a.train.batch_size, cfg,
                             D.rank(), D.world_size())
     summary, _ = train_and_export(cfg, "stage_a", task, loaders, stage_a_export(cfg),

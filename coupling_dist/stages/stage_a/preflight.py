@@ -1,6 +1,8 @@
 """Stage A pre-flight: the preprocessed shard set exists, holds encoder features of the width this
-config's encoder produces, made by that encoder and tokenized with ``data.tokenizer``; any
-mismatch raises ``PreflightError`` (exit status 2) before training."""
+config's encoder produces, made by that encoder and tokenized with ``data.tokenizer`` -- or, under
+``stage_a.online_encoder``, holds tokens only and records that very encoder (model, layer, dtype)
+for the features Stage A computes; any mismatch raises ``PreflightError`` (exit status 2) before
+training."""
 from __future__ import annotations
 
 import os
@@ -9,7 +11,8 @@ from ...components import assets
 from ...components.paths import data_dir
 from ...components.preflight import PreflightError, require_file
 from ...config import Config
-from ...data.source import PAD_FEATURES
+from ...data.shards import Manifest
+from ...data.source import PAD_FEATURES, check_feature_source, check_online_encoder, describe_source
 from .task import StageATask
 
 
@@ -20,6 +23,10 @@ def preflight(cfg: Config) -> StageATask:
     require_file(manifest, "run `python -m coupling_dist.preprocess` first (or set data.out_dir to an existing "
                            "shard set)")
     try:
+        info = describe_source(Manifest.load(src), src)
+        check_feature_source(cfg.stage_a.online_encoder, info, src)
+        if info["online_features"]:
+            check_online_encoder(cfg.encoder, info, src)
         task = StageATask.from_data(cfg, src)
     except (KeyError, ValueError) as e:
         raise PreflightError(str(e)) from None

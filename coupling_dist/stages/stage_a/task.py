@@ -7,6 +7,11 @@ token-embedding encoder, ``models/stage_a.py``), estimates the feature normalisa
 first training batches, and records what the export needs (seq_len, tokenizer and encoder
 identity, and the compact vocabulary's ids under ``data.vocab: corpus``: the decoder head then
 covers those ids only, and targets are mapped to them, ``data/vocab.py``). Everything the Trainer calls is below.
+
+``stage_a.online_encoder``: the shards hold tokens only and every rank runs the frozen encoder
+(``models/frozen_encoder.OnlineFeatures``) on its batch inside the step, before the Stage A model,
+in the training precision and without gradients; the encoder is an attribute of the task, not of
+the model, so DeepSpeed never sees it (no optimizer state, no checkpoint, no ZeRO partitioning).
 """
 from __future__ import annotations
 
@@ -16,23 +21,35 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from ...components import dist as D
+from ...components.trainer import training_dtype
 from ...config import Config
 from ...data.source import describe_source
 from ...data.vocab import CompactVocab, vocab_for
 from ...domains import build_domain
 from ...distributed.parallelize import ParallelDims, parallelize
+from ...models.frozen_encoder import OnlineFeatures
 from ...models.stage_a import StageAModel
 from ...models.stage_a_export import export_stage_a
 
 STATS_BATCHES = 8  # training batches used to estimate the feature mean/std
 
 
+def build_online_features(cfg: Config, device) -> OnlineFeatures:
+    """The frozen encoder (``encoder.model``/``layer``, features rounded to ``encoder.dtype`` as the
+    shards would hold them) on ``device``, computing in Stage A's training precision."""
+    e = cfg.encoder
+    return OnlineFeatures(e.model, e.layer, e.dtype, device, training_dtype(cfg.stage_a.train.precision, device))
+
+
 class StageATask:
     def __init__(self, cfg: Config, feature_dim: int, vocab_size: int, *, seq_len: int,
                  meta: Optional[dict] = None, stats_batches: Optional[Iterable] = None,
                  feature_stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                 vocab: Optional[CompactVocab] = None):
+                 vocab: Optional[CompactVocab] = None, online: bool = False):
         self.cfg = cfg
+        self.online = online  # stage_a.online_encoder: features computed per batch (``features``)
+        self.encoder: Optional[OnlineFeatures] = None  # built on the rank's device by build_model
         self.vocab = vocab  # None: the head spans the tokenizer's vocabulary
         self.feature_dim, self.vocab_size, self.seq_len = int(feature_dim), int(vocab_size), int(seq_len)
         self.meta = dict(meta or {})
@@ -52,16 +69,19 @@ class StageATask:
         build_domain(cfg).check_tokenizer(info, data_dir)
         bs = min(cfg.stage_a.train.batch_size, 64)
 
+        online = bool(info["online_features"])
+
         def stats_batches():
             # Same batches on every rank (a world-1 view), so all ranks get identical statistics.
-            loader = ShardLoader(data_dir, "train", bs, cfg.run.seed, 0, 1, fields=["features", "mask"])
+            # (batch, mask): the features come from ``features(batch)`` (stored or computed online)
+            loader = ShardLoader(data_dir, "train", bs, cfg.run.seed, 0, 1,
+                                 fields=["tokens" if online else "features", "mask"])
             for i, b in enumerate(loader):
                 if i >= STATS_BATCHES:
                     break
                 # statistics over the positions Stage A encodes (all of them, pads included, unless
                 # the "passthrough" ablation is on)
-                yield b["features"], (b["mask"] if cfg.stage_a.pad_positions == "passthrough"
-                                      else torch.ones_like(b["mask"]))
+                yield b, (b["mask"] if cfg.stage_a.pad_positions == "passthrough" else torch.ones_like(b["mask"]))
 
         vocab = vocab_for(cfg, data_dir)
         meta = {"seq_len": info["seq_len"], "tokenizer": info["tokenizer"], "encoder": info["encoder"],
@@ -69,14 +89,18 @@ class StageATask:
                 "vocab": vocab.to_meta() if vocab else None}
         feature_dim = info["feature_dim"] or 0  # 0: no stored features, Stage A learns a token embedding
         return cls(cfg, feature_dim, vocab.size if vocab else info["vocab_size"], seq_len=info["seq_len"],
-                   meta=meta, stats_batches=stats_batches() if feature_dim else None, vocab=vocab)
+                   meta=meta, stats_batches=stats_batches() if feature_dim else None, vocab=vocab,
+                   online=online and feature_dim > 0)
 
     # ------------------------------------------------------------------ Trainer protocol
 
     def build_model(self) -> nn.Module:
         model = StageAModel(self.feature_dim, self.vocab_size, self.cfg.stage_a)
+        if self.online and self.encoder is None:
+            self.encoder = build_online_features(self.cfg, D.device())
         if self._stats is None and self._stats_batches is not None:
-            self._stats = StageAModel.estimate_feature_stats(self._stats_batches)
+            batches = ((self.features(b).cpu(), m) for b, m in self._stats_batches)
+            self._stats = StageAModel.estimate_feature_stats(batches)
         if self._stats is not None:
             model.set_feature_stats(*self._stats)
         # no tensor parallelism for Stage A: the shared layout function applies activation checkpointing
@@ -88,9 +112,14 @@ class StageATask:
         """The batch's tokens as head rows (compact ids under ``data.vocab: corpus``)."""
         return batch["tokens"] if self.vocab is None else self.vocab.to_compact(batch["tokens"])
 
+    def features(self, batch: dict) -> torch.Tensor:
+        """The batch's frozen-encoder features: stored in the shards, or computed from its tokens by
+        the frozen encoder on this rank (``stage_a.online_encoder``; the same values)."""
+        return self.encoder(batch["tokens"]) if self.online else batch["features"]
+
     def source(self, batch: dict) -> torch.Tensor:
-        """The encoder's input: stored features, or the head-row ids for the token embedding."""
-        return batch["features"] if self.feature_dim else self.targets(batch)
+        """The encoder's input: the features, or the head-row ids for the token embedding."""
+        return self.features(batch) if self.feature_dim else self.targets(batch)
 
     def loss(self, model: StageAModel, batch: dict, step: int):
         return model.loss(self.source(batch), self.targets(batch), batch["mask"], step)
@@ -103,7 +132,10 @@ class StageATask:
 
     def flops_per_sample(self) -> dict:
         model = self.model or StageAModel(self.feature_dim, self.vocab_size, self.cfg.stage_a)
-        return {"stage_a": model.flops_per_sample(self.seq_len)}
+        out = {"stage_a": model.flops_per_sample(self.seq_len)}
+        if self.encoder is not None:  # the frozen encoder's forward is part of every step
+            out["encoder"] = self.encoder.flops_per_sample(self.seq_len)
+        return out
 
     def tokens_in_batch(self, batch: dict) -> int:
         return int(batch["mask"].sum().item())
