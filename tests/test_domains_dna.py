@@ -1,7 +1,7 @@
 """The DNA domain: the genome-window asset and the other corpus readers (text, .npz, the Fly Brain
 pickle through the restricted unpickler), the codec, the patched latent at the paper's ratio
 (patch 20: latent length 25), the token-level DNA metrics against ``dna_report``, and the whole
-pipeline on a tiny config with every series scored by FBD, k-mer JS and GC content."""
+pipeline on a tiny config with every series scored by FBD, k-mer JS and GC content (slow)."""
 from __future__ import annotations
 
 import dataclasses
@@ -136,6 +136,7 @@ def test_token_metrics_match_dna_report():
     assert tm["gc_w1"] == pytest.approx(rep["gc"]["wasserstein"], rel=1e-12)
 
 
+@pytest.mark.slow  # ~80 s alone on 2 cores before the merge of main; ~180 s after it (see the report)
 def test_dna_pipeline_end_to_end(tmp_path):
     """preprocess -> ... -> evaluate on 300 real genome windows, a few steps per stage: the samples
     are ACGT strings, every series has FBD, k-mer JS and GC columns, the figures are written."""
