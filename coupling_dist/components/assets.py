@@ -108,12 +108,38 @@ def _build_mnist_5k(out: str) -> None:
 # ---- end binary images ----
 
 
+# ---- DNA (domains/dna.py) ----
+GENOME_WINDOW = 500  # bases per window: the Fly Brain benchmark's sequence length
+GENOME_SHUFFLE_SEED = 0
+
+
+def _build_sibelia_windows(out: str) -> None:
+    """The non-overlapping 500-base windows of the seven complete genomes of the Debian package
+    sibelia-examples (``data/genomes.py``) as 'SEQUENCE<tab>genome index' lines in a fixed random
+    order (the genomes follow each other in the package, so the first rows -- ``data.max_samples``,
+    a shard -- would all be one genome), and ``labels.json``: the genome names by index."""
+    import numpy as np
+
+    from ..data.genomes import dna_windows
+
+    windows, labels, names = dna_windows(length=GENOME_WINDOW)
+    order = np.random.default_rng(GENOME_SHUFFLE_SEED).permutation(len(windows))
+    with open(os.path.join(out, "genome_windows.tsv"), "w", encoding="ascii") as fh:
+        fh.writelines(f"{windows[i]}\t{int(labels[i])}\n" for i in order)
+    with open(os.path.join(out, "labels.json"), "w", encoding="utf-8") as fh:
+        json.dump({"labels": names, "window": GENOME_WINDOW, "source": "Debian package sibelia-examples"}, fh, indent=2)
+        fh.write("\n")
+# ---- end DNA ----
+
+
 ASSETS = {
     "qwen2.5-tokenizer": lambda: _atomic_build("qwen2.5-tokenizer", _build_qwen_tokenizer),
     "gpt2-tokenizer": lambda: _atomic_build("gpt2-tokenizer", _build_gpt2_tokenizer),
     "lee-corpus": lambda: os.path.join(_atomic_build("lee-corpus", _build_lee_corpus), "lee_sentences.txt"),
     "smollm2-135m-gguf": _smollm2_path,
     "mnist-5k": lambda: os.path.join(_atomic_build("mnist-5k", _build_mnist_5k), "mnist_5k.csv"),  # binary images
+    "sibelia-genomes": lambda: os.path.join(_atomic_build("sibelia-genomes-500", _build_sibelia_windows),
+                                            "genome_windows.tsv"),  # DNA
 }
 
 

@@ -16,9 +16,11 @@ A domain answers, for the stages that call it:
 - sample: how drawn ids become records (``sample_codec``) and pictures (``write_pictures``);
 - evaluate: which evaluator applies (``metric``: ``gen_ppl`` = the causal-LM scorer;
   ``classifier_frechet`` = the Fréchet distance in a classifier's feature space, with the
-  classifier kind ``feature_net`` and the item order it reads, ``feature_tokens``).
+  classifier kind ``feature_net`` and the item order it reads, ``feature_tokens``), plus the
+  domain's own per-series columns (``extra_metrics`` / ``extra_columns``: DNA's k-mer spectrum and
+  GC-content distances) and figures of the table (``write_eval_figures``).
 
-Adding a domain (DNA next): a module with a ``Domain`` subclass, its name in ``DOMAINS`` and in
+Adding a domain: a module with a ``Domain`` subclass, its name in ``DOMAINS`` and in
 ``config.DataConfig.domain``'s choices, its corpus asset in ``components/assets.py``.
 """
 from __future__ import annotations
@@ -34,7 +36,9 @@ class Domain:
     name = "?"
     metric = "gen_ppl"  # which evaluator stages/evaluate runs (module docstring)
     feature_net: Optional[str] = None  # classifier_frechet: feature_net.build_feature_net kind
-    n_classes = 0  # classifier_frechet: label classes of the shards' "label" field
+    n_classes = 0  # classifier_frechet: label classes of the shards' "label" field (0: max label + 1)
+    extra_columns: tuple = ()  # classifier_frechet: the keys ``extra_metrics`` adds to every row
+    summary_columns: tuple = ()  # (key, header) of those the pipeline's closing summary prints
     # (label, file in run.dir/eval) of what the evaluation writes: the pipeline's closing summary
     eval_outputs = (("metrics table", "results.csv"), ("frontier plot", "frontier.png"))
 
@@ -114,9 +118,18 @@ class Domain:
     def write_grid(self, tokens: np.ndarray, path: str) -> None:
         """A picture of rows in the classifier's order (nothing by default)."""
 
+    def extra_metrics(self, tokens: np.ndarray, reference: np.ndarray) -> dict:
+        """Metrics of one evaluated series beyond the Fréchet distance ({column: value} with the keys
+        of ``extra_columns``); ``tokens`` and ``reference`` in the classifier's order."""
+        return {}
+
+    def write_eval_figures(self, rows: list[dict], out_dir: str) -> list[str]:
+        """Figures of the evaluation's rows into ``out_dir`` (none by default); returns their paths."""
+        return []
+
 
 # data.domain -> "module:class" (imported on demand: text never loads the image code and back)
-DOMAINS = {"text": ".text:TextDomain", "binary_image": ".binary_image:BinaryImageDomain"}
+DOMAINS = {"text": ".text:TextDomain", "binary_image": ".binary_image:BinaryImageDomain", "dna": ".dna:DnaDomain"}
 
 
 def build_domain(cfg) -> Domain:

@@ -126,3 +126,28 @@ def factorized_dna(windows: Sequence[str], n: int, seed: int) -> list[str]:
     u = np.random.default_rng(seed).random((n, length))
     out = (u[:, :, None] > cdf[None, :, :]).sum(2)  # inverse-CDF draw per position
     return decode_dna(np.minimum(out, 3))
+
+
+def _row_kmer_counts(rows: np.ndarray, k: int) -> np.ndarray:
+    """``kmer_counts`` of equal-length id rows [N, L], all rows at once."""
+    n = rows.shape[1] - k + 1
+    idx = np.zeros((len(rows), max(n, 0)), dtype=np.int64)
+    for j in range(k):
+        idx = idx * 4 + rows[:, j:j + n]
+    return np.bincount(idx.ravel(), minlength=4 ** k)
+
+
+def token_metrics(samples: np.ndarray, reference: np.ndarray, ks: Sequence[int] = KS) -> dict:
+    """The classifier-free metrics of ``dna_report`` as flat columns, on token rows (ids 0..3, one
+    length): ``kmer_js_<k>`` and ``kmer_js_mean`` (bits), the samples' ``gc_mean`` / ``gc_std`` and
+    ``gc_w1`` (Wasserstein-1 between the two sets' per-sequence GC fractions)."""
+    from scipy.stats import wasserstein_distance
+
+    s, r = np.asarray(samples, dtype=np.int64), np.asarray(reference, dtype=np.int64)
+    if s.ndim != 2 or r.ndim != 2 or not len(s) or not len(r):
+        raise ValueError(f"token_metrics needs token rows [N, L] of samples and reference; got {s.shape}, {r.shape}")
+    out = {f"kmer_js_{k}": js_divergence(_row_kmer_counts(s, k), _row_kmer_counts(r, k)) for k in ks}
+    out["kmer_js_mean"] = float(np.mean([out[f"kmer_js_{k}"] for k in ks]))
+    gc_s, gc_r = np.isin(s, (1, 2)).mean(1), np.isin(r, (1, 2)).mean(1)
+    out.update(gc_mean=float(gc_s.mean()), gc_std=float(gc_s.std()), gc_w1=float(wasserstein_distance(gc_s, gc_r)))
+    return out

@@ -1,7 +1,7 @@
-"""The evaluation of domains whose metric is ``classifier_frechet`` (binary images; DNA next).
+"""The evaluation of domains whose metric is ``classifier_frechet`` (binary images, DNA).
 
 The paper scores MNIST-Binary by torchmetrics' FID with Inception features (Appendix G.1) and DNA
-by the Fréchet distance in a frozen benchmark classifier's embedding. Inception's weights cannot be
+by the Fréchet distance in a frozen benchmark classifier's embedding (FBD, G.2). Inception's weights cannot be
 fetched here, so the feature space is a small classifier of the domain (``domain.feature_net``,
 ``evaluation/feature_net.py``) trained by this stage on the *training* shards' labels
 (``evaluate.classifier_steps`` AdamW steps, seed ``run.seed``; cached in ``run.dir/eval/classifier``
@@ -17,15 +17,18 @@ the paper's "against the training set"):
 - ``stage_a``: the same settings for the Stage-A-only sampler (z -> inverse flow -> Stage A
   decoder; ``evaluate.stage_a_series``), the paper's flow-reverse diagnostic;
 - ``factorized``: every position drawn independently from the training marginals (per-pixel
-  Bernoulli for binary images; ``evaluate.factorized_series``);
+  Bernoulli for binary images, per-position base frequencies for DNA; ``evaluate.factorized_series``);
 - ``reference``: real held-out items (at most ``evaluate.num_samples``): the distance real data
   reaches at this sample size, the floor of the column.
 
 Per row: ``fd_classifier``, the classifier's mean top-class probability on the samples
 (``confidence``), the fraction it classifies with probability > 0.9 (``confident_frac``), the
 entropy of its predicted classes (``class_entropy``, nats; ln 10 = 2.30 for balanced digits), and
-for the held-out row its accuracy. Outputs in ``run.dir/eval``: results.json, results.csv,
-results.md (the table), and a picture per series (``grids/<name>.png``, via ``domain.write_grid``).
+for the held-out row its accuracy, and the domain's own columns against the same reference
+(``domain.extra_metrics``; DNA: k-mer spectrum JS per k and mean, GC mean / std / Wasserstein-1).
+The classifier has ``domain.n_classes`` outputs, or max label + 1 of the training shards. Outputs in ``run.dir/eval``: results.json, results.csv,
+results.md (the table), a picture per series (``grids/<name>.png``, via ``domain.write_grid``) and
+the domain's figures of the rows (``domain.write_eval_figures``; DNA: kmer_js.png).
 """
 from __future__ import annotations
 
@@ -77,7 +80,11 @@ def classifier(cfg, domain, tokens: np.ndarray, labels: np.ndarray, out_dir: str
         if all(net.meta.get(k) == v for k, v in want.items()):
             log.info("evaluation classifier: cached %s (trained on %d items, %d steps)", path, len(tokens), steps)
             return net, dict(net.meta)
-    net = build_feature_net(domain.feature_net, domain.n_classes, domain.vocab_size, tokens.shape[1], seed)
+    n_classes = domain.n_classes or int(labels.max(initial=0)) + 1
+    if n_classes < 2:
+        raise InputError(f"evaluate: every training item of {run_paths.data_dir(cfg)} has label {int(labels.max(initial=0))}; "
+                         f"the {domain.feature_net} evaluation classifier needs >= 2 classes (label the corpus)")
+    net = build_feature_net(domain.feature_net, n_classes, domain.vocab_size, tokens.shape[1], seed)
     t0 = time.perf_counter()
     info = train_feature_net(net, tokens, labels, steps=steps, seed=seed)
     info.update(want, seconds=round(time.perf_counter() - t0, 1))
@@ -176,6 +183,7 @@ def evaluate(cfg, domain) -> dict:
                "fd_classifier": frechet_distance(net, ref, toks),
                "fid_inception": None if ref_images is None else inception_fid(ref_images, domain.inception_images(toks))}
         row.update(class_stats(net, toks, held_labels[:len(toks)] if kind == "reference" else None))
+        row.update(domain.extra_metrics(toks, ref))
         domain.write_grid(toks[:64], os.path.join(out_dir, "grids", f"{name.replace(':', '_')}.png"))
         log.info("%s: FD (classifier) %.3f, confidence %.3f, class entropy %.3f", name, row["fd_classifier"],
                  row["confidence"], row["class_entropy"])
@@ -183,7 +191,8 @@ def evaluate(cfg, domain) -> dict:
     if not rows:
         raise InputError("evaluate scored nothing: no samples file, no export to sweep, no held-out items")
     held_acc = class_stats(net, held, held_labels)["accuracy"] if len(held) else None
-    extra = {"metric": "classifier_frechet", "domain": domain.name,
+    figures = domain.write_eval_figures(rows, out_dir)
+    extra = {"metric": "classifier_frechet", "domain": domain.name, "domain_columns": list(domain.extra_columns),
              "classifier": {**cls_info, "kind": domain.feature_net, "accuracy_heldout_split": held_acc,
                             "what": "penultimate features of a small classifier trained on the training items "
                                     "(stands in for Inception, whose weights cannot be fetched here)"},
@@ -191,9 +200,11 @@ def evaluate(cfg, domain) -> dict:
              "config": {"evaluate": cfg.to_dict()["evaluate"], "sample": cfg.to_dict()["sample"]}}
     os.makedirs(out_dir, exist_ok=True)
     out = {"json": report.write_results(out_dir, {"rows": rows, **extra}),
-           "csv": report.write_csv(out_dir, rows, COLUMNS),
+           "csv": report.write_csv(out_dir, rows, COLUMNS + list(domain.extra_columns)),
            "md": os.path.join(out_dir, "results.md")}
     write_text(out["md"], table(rows, extra))
+    if figures:
+        out["figures"] = figures
     log.info("wrote %s", json.dumps(out))
     return {"rows": len(rows), **out}
 
@@ -201,6 +212,8 @@ def evaluate(cfg, domain) -> dict:
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
+    if isinstance(v, float) and 0 < abs(v) < 0.01:  # k-mer JS divergences: 1e-4 .. 1e-2 bits
+        return f"{v:.2e}"
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
@@ -208,7 +221,8 @@ def table(rows: list[dict], extra: dict) -> str:
     """The results as a Markdown table (what the README quotes)."""
     c = extra["classifier"]
     cols = ["name", "kind", "num_samples", "fd_classifier", "fid_inception", "confidence", "confident_frac",
-            "class_entropy", "accuracy"]
+            "class_entropy", "accuracy"] + list(extra.get("domain_columns", []))
+    cols = [k for k in cols if k in ("name", "kind") or any(r.get(k) is not None for r in rows)]  # no empty columns
     lines = [f"Fréchet distance in the features of a {c['kind']} classifier trained on the training items "
              f"({c.get('steps')} steps; accuracy {_fmt(c.get('accuracy_heldout_split'))} on the held-out split), "
              f"reference: {extra['reference']['samples']} training items.", "",

@@ -197,13 +197,15 @@ def print_results(cfg: Config, written: list[str], n_samples: int = 5) -> None:
             what, (k1, h1, f1), (k2, h2) = "classifier features", ("fd_classifier", "FD", "10.2f"), ("confidence", "conf.")
         else:
             what, (k1, h1, f1), (k2, h2) = f"scorer {cfg.evaluate.scorer}", ("gen_ppl", "Gen-PPL", "10.1f"), ("entropy", "entropy")
+        more = [(k, h) for k, h in build_domain(cfg).summary_columns if k in doc.get("domain_columns", [])]
         print(f"\nevaluation ({results}; {what}):")
-        print(f"  {'series':<32} {'kind':<10} {h1:>10} {h2:>8}")
+        print(f"  {'series':<32} {'kind':<10} {h1:>10} {h2:>8}" + "".join(f" {h:>10}" for _, h in more))
         for r in rows:
             v1, v2 = r.get(k1), r.get(k2)
             v1 = format(v1, f1) if isinstance(v1, (int, float)) else f"{'-':>10}"
             v2 = f"{v2:8.3f}" if isinstance(v2, (int, float)) else f"{'-':>8}"
-            print(f"  {str(r.get('name'))[:32]:<32} {str(r.get('kind')):<10} {v1} {v2}")
+            v3 = "".join(f" {r[k]:10.2e}" if isinstance(r.get(k), (int, float)) else f" {'-':>10}" for k, _ in more)
+            print(f"  {str(r.get('name'))[:32]:<32} {str(r.get('kind')):<10} {v1} {v2}{v3}")
 
 
 def _run_stages(cfg, stages, forced, config_path, overrides, rows, child) -> int:
