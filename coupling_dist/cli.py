@@ -104,6 +104,8 @@ def run_entry(stage: str, fn: Callable[[Config], Optional[dict]], argv: Optional
     except SystemExit as e:  # a preemption exit (every rank checkpointed) is a clean exit
         if e.code not in (0, None) and e.code not in D.PREEMPT_EXIT_CODES:
             D.mark_failed()
+        elif isinstance(e.code, int) or e.code is None:
+            D.set_exit_status(e.code or 0)
         raise
     if _is_rank0():
         write_json(marker, {"stage": stage, "summary": summary or {}, "wall_s": round(time.time() - t0, 2),
@@ -111,6 +113,7 @@ def run_entry(stage: str, fn: Callable[[Config], Optional[dict]], argv: Optional
                             "provenance": provenance.complete(cfg, stage, started)})
     D.shutdown(wait_all=True)  # no rank leaves before rank 0 wrote the marker
     lock.release()
+    D.set_exit_status(0)
     return 0
 
 

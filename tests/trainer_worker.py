@@ -122,7 +122,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from coupling_dist.components.dist import exit_on_peer_failure, mark_failed
+    from coupling_dist.components.dist import exit_on_peer_failure, mark_failed, set_exit_status
     from coupling_dist.components.preflight import InputError
 
     try:
@@ -131,4 +131,6 @@ if __name__ == "__main__":
         mark_failed()
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
+    else:
+        set_exit_status(code)
     raise SystemExit(code)

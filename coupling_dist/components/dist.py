@@ -23,6 +23,11 @@ collective, and destroying could block (torchtitan#1342). "Clean" means no uncau
 exit status); a preemption exit is clean (every rank checkpointed and leaves at the same step).
 With a single rank there is no peer to wait for, so the group is always destroyed. ``shutdown()``
 destroys it at once (with a barrier when every rank must have reached the same point first).
+Destroying the group does not free the backend while other objects (DeepSpeed's engine, its
+groups) still reference it, and the abort was still seen (rarely) after a destroyed group. So a
+rank of a multi-rank group that knows its exit status (``set_exit_status``: the CLI's entries and
+the test workers call it) and exits cleanly leaves with ``os._exit`` right after the teardown, its
+streams and log handlers flushed: interpreter finalization, where the abort happens, never runs.
 """
 from __future__ import annotations
 
@@ -123,7 +128,7 @@ def init_distributed(timeout_s: Optional[float] = None) -> dict:
 
 # --------------------------------------------------------------------------- teardown
 
-_EXIT = {"registered": False, "failed": False, "pid": None}
+_EXIT = {"registered": False, "failed": False, "pid": None, "status": None, "multi": False}
 
 
 def mark_failed() -> None:
@@ -131,7 +136,14 @@ def mark_failed() -> None:
     _EXIT["failed"] = True
 
 
+def set_exit_status(code: int) -> None:
+    """This process is about to exit with ``code`` (module docstring: a clean multi-rank exit then
+    skips interpreter finalization)."""
+    _EXIT["status"] = int(code)
+
+
 def _register_teardown() -> None:
+    _EXIT["multi"] = _EXIT["multi"] or dist.get_world_size() > 1
     if _EXIT["registered"]:
         return
     _EXIT.update(registered=True, pid=os.getpid())
@@ -148,14 +160,23 @@ def _register_teardown() -> None:
 def _teardown_at_exit() -> None:
     if os.getpid() != _EXIT["pid"]:  # a forked child inherited the handler, not the group
         return
-    if not (dist.is_available() and dist.is_initialized()):
+    if _EXIT["failed"] and _EXIT["multi"]:
         return
-    if _EXIT["failed"] and dist.get_world_size() > 1:
-        return
-    try:
-        dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 -- at exit, nothing left to report to
-        pass
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 -- at exit, nothing left to report to
+            return
+    if _EXIT["multi"] and _EXIT["status"] is not None:  # clean, status known: skip finalization
+        import logging
+
+        logging.shutdown()  # flushes and closes every handler (the run's log files)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(_EXIT["status"])
 
 
 def shutdown(wait_all: bool = False) -> None:
