@@ -128,6 +128,27 @@ class Domain:
         return []
 
 
+class LabelledCodecDomain(Domain):
+    """A fixed-length domain over a small alphabet whose items carry a class label (binary images,
+    DNA): one codec (``self.codec``, set by the subclass) makes the token rows at preprocess time
+    and the records at sample time, the label is the shard field ``label``, and the heads need no
+    1024-row layout."""
+    codec = None
+
+    def item_codec(self):
+        return self.codec
+
+    def sample_codec(self, meta: dict):
+        return self.codec
+
+    def shard_fields(self) -> dict:
+        return {"label": {"dtype": "int16", "shape": [1]}}
+
+    def head_rows(self, n: int, tp: int) -> int:
+        m = math.lcm(8, tp)  # a handful of ids: no need for the text heads' 1024-row layout
+        return int(math.ceil(n / m) * m)
+
+
 # data.domain -> "module:class" (imported on demand: text never loads the image code and back)
 DOMAINS = {"text": ".text:TextDomain", "binary_image": ".binary_image:BinaryImageDomain", "dna": ".dna:DnaDomain"}
 

@@ -30,7 +30,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from ..config import ConfigError
-from .base import Domain
+from .base import LabelledCodecDomain
 
 IMAGE = (28, 28)
 
@@ -142,7 +142,7 @@ def read_sample_images(path: str, h: int, w: int) -> np.ndarray:
     return np.stack(rows).reshape(-1, h, w) if rows else np.zeros((0, h, w), dtype=np.uint8)
 
 
-class BinaryImageDomain(Domain):
+class BinaryImageDomain(LabelledCodecDomain):
     name = "binary_image"
     metric = "classifier_frechet"
     feature_net = "digit2d"
@@ -186,19 +186,6 @@ class BinaryImageDomain(Domain):
             for item in read_digit_file(path, self.h * self.w, None if limit is None else limit - n):
                 yield item
                 n += 1
-
-    def item_codec(self) -> PixelCodec:
-        return self.codec
-
-    def shard_fields(self) -> dict:
-        return {"label": {"dtype": "int16", "shape": [1]}}
-
-    def head_rows(self, n: int, tp: int) -> int:
-        m = math.lcm(8, tp)  # two ids: no need for the text heads' 1024-row layout
-        return int(math.ceil(n / m) * m)
-
-    def sample_codec(self, meta: dict) -> PixelCodec:
-        return self.codec
 
     def feature_tokens(self, tokens: np.ndarray) -> np.ndarray:
         return self.codec.to_raster(tokens)  # raster order: what the digit classifier reads

@@ -36,7 +36,6 @@ import gzip
 import hashlib
 import io
 import json
-import math
 import os
 import pickle
 from typing import Iterator, Optional
@@ -44,7 +43,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from ..config import ConfigError
-from .base import Domain
+from .base import LabelledCodecDomain
 
 ALPHABET = "ACGT"
 MIN_LENGTH = 144  # the seq1d classifier's receptive field (evaluation/feature_net.py)
@@ -199,7 +198,7 @@ def write_gc_histogram(samples: np.ndarray, reference: np.ndarray, path: str, ti
     return path
 
 
-class DnaDomain(Domain):
+class DnaDomain(LabelledCodecDomain):
     name = "dna"
     metric = "classifier_frechet"
     feature_net = "seq1d"
@@ -243,19 +242,6 @@ class DnaDomain(Domain):
             for item in reader(path, self.length, left):
                 yield item
                 n += 1
-
-    def item_codec(self) -> DnaCodec:
-        return self.codec
-
-    def shard_fields(self) -> dict:
-        return {"label": {"dtype": "int16", "shape": [1]}}
-
-    def head_rows(self, n: int, tp: int) -> int:
-        m = math.lcm(8, tp)  # four ids: no need for the text heads' 1024-row layout
-        return int(math.ceil(n / m) * m)
-
-    def sample_codec(self, meta: dict) -> DnaCodec:
-        return self.codec
 
     def sample_file_tokens(self, path: str) -> np.ndarray:
         from ..data.genomes import encode_dna
