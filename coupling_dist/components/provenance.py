@@ -57,6 +57,7 @@ CONFIG_KEYS = {
                                                         "stage_b.kd.chunk_positions", "stage_b.kd.chunk_vocab")
                 + tuple(f"stage_b.train.{k}" for k in _TRAIN_HOW)),
     "sample": (("sample.",), ("sample.export", "sample.out", "sample.ray_workers")),
+    "classifier": (("run.seed", "classifier."), ("classifier.out",)),
     "evaluate": (("evaluate.", "sample.", "data.tokenizer", "data.seq_len"),
                  ("evaluate.samples", "evaluate.reference", "evaluate.num_actors", "sample.export", "sample.out",
                   "sample.ray_workers", "sample.num_samples")),
@@ -86,7 +87,7 @@ def stage_inputs(cfg, stage: str) -> list[Input]:
         except (FileNotFoundError, ValueError, OSError):  # preprocess itself reports it
             files = []
         return [Input("corpus", None, files, "files")]
-    if stage == "stage_a":
+    if stage in ("stage_a", "classifier"):
         return [data]
     if stage == "pair_store":
         art = P.stage_a_artifact(cfg)
@@ -129,6 +130,7 @@ def stage_outputs(cfg, stage: str) -> dict:
         "stage_b": {"export": (paths.generator_export(cfg), "export")},
         "sample": {"samples": (paths.samples_file(cfg), "file")},
         "evaluate": {"results": (paths.eval_results(cfg), "file")},
+        "classifier": {"reward classifier": (paths.reward_classifier(cfg), "export")},
     }[stage]
 
 
