@@ -83,6 +83,19 @@ def test_reward_on_soft_one_hot_of_real_ids_is_the_classifier_log_softmax(mnist_
         reward(probs[:1], torch.tensor([10]))
 
 
+def test_dna_reward_reads_model_order_and_the_first_four_head_rows(tmp_path):
+    cfg = load_config(os.path.join(ROOT, "configs", "dna_demo.yaml"), [f"run.dir={tmp_path}"])
+    dom = build_domain(cfg)
+    T = cfg.data.seq_len
+    net = build_feature_net("seq1d", 7, 4, T, seed=2, width=8)
+    reward = load_reward(save_feature_net(net, str(tmp_path / "c")), dom, {"seq_len": T, "vocab_size": 8})
+    assert reward.perm is None  # DNA: the classifier reads the model's order
+    ids = torch.randint(0, 4, (5, T), generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 3, 6, 1, 2])
+    want = torch.log_softmax(net(ids), -1).gather(1, y[:, None])[:, 0]
+    assert torch.equal(reward(F.one_hot(ids, 8).float(), y), want)
+
+
 def test_load_reward_refusals_name_the_path(tmp_path, mnist_reward):
     from coupling_dist.components.preflight import InputError
 

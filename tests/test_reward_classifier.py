@@ -197,3 +197,13 @@ def test_text_label_errors_name_file_and_line_or_row(tmp_path):
         first(t)
     with pytest.raises(ConfigError, match=r"'data.label_field' = 'label' names a label column of JSONL / Parquet"):
         load_config(MNIST_DEMO, ["data.label_field=label"])
+
+
+def test_ranks_other_than_0_leave_the_training_to_rank_0(tmp_path, monkeypatch):
+    """Under torchrun / srun the entry is one process's work: rank 1 returns at once, writes nothing."""
+    write_mnist_shards(str(tmp_path), 20, 5)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(MNIST_DEMO, [f"run.dir={tmp_path}"])
+    assert classifier_main(cfg) == {"rank": 1, "skipped": "rank 0 trains the classifier"}
+    assert not os.path.exists(tmp_path / "classifier")
