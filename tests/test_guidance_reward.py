@@ -203,6 +203,31 @@ def test_algorithm_5_increases_the_reward_with_the_generator_untouched(mnist_rew
     assert torch.equal(classifier_guided_latents(model, z0, y, reward, steps=0, step_size=1.0), z0)
 
 
+def test_algorithm_5_with_the_real_class_conditional_generator(mnist_reward):
+    """The same with ``models.generator.Generator`` (patch 16, 8-row head, 10 classes)."""
+    import inspect
+
+    from coupling_dist.config import GeneratorConfig
+    from coupling_dist.models.generator import Generator
+
+    if "num_classes" not in inspect.signature(Generator.__init__).parameters:
+        pytest.skip("the class-conditional generator (G(z, y)) is not on this branch yet")
+    _, _, _, reward, _ = mnist_reward
+    torch.manual_seed(0)
+    model = Generator(GeneratorConfig(width=32, depth=1, heads=2, ffn=64), 16, 784, HEAD, patch=16,
+                      num_classes=10).eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    z0 = torch.randn(10, 49, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(10)
+    zk = classifier_guided_latents(model, z0, y, reward, steps=5, step_size=10.0)
+    with torch.no_grad():
+        r0 = guided_reward(model, z0, y, reward).mean()
+        rk = guided_reward(model, zk, y, reward).mean()
+    assert rk > r0 + 0.5, (float(r0), float(rk))
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) and p.grad is None and p.requires_grad, n
+
+
 def test_latent_guidance_settings_read_sample_classifier(tmp_path):
     cfg = load_config(MNIST_DEMO, [f"run.dir={tmp_path}", "sample.classifier.steps=3", "sample.classifier.step_size=0.5",
                                    "sample.classifier.relaxation=gumbel", "sample.classifier.tau=0.5"])
