@@ -108,7 +108,7 @@ def test_unconditional_models_refuse_labels_clearly():
         sample_any(generators(0)["onestep"], meta, [0], SampleSettings(guidance="cfg", cfg_scale=2.0))
     with pytest.raises(ConfigError, match="sample.label = 5"):
         sample_any(generators()["onestep"], dict(meta, num_classes=C), [0], SampleSettings(label=5))
-    with pytest.raises(ConfigError, match="not wired"):
+    with pytest.raises(ConfigError, match="the settings of Algorithm 5"):
         sample_any(generators()["onestep"], dict(meta, num_classes=C), [0], SampleSettings(guidance="classifier"))
     # and the config refuses them before any work
     with pytest.raises(ConfigError, match="sample.guidance"):

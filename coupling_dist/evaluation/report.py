@@ -55,9 +55,9 @@ def _clean(v):
     return v
 
 
-def write_results(out_dir: str, results: dict) -> str:
+def write_results(out_dir: str, results: dict, name: str = "results.json") -> str:
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "results.json")
+    path = os.path.join(out_dir, name)
 
     def clean(o):
         if isinstance(o, dict):
@@ -70,8 +70,8 @@ def write_results(out_dir: str, results: dict) -> str:
     return path
 
 
-def write_csv(out_dir: str, rows: list[dict], columns: Optional[list] = None) -> str:
-    path = os.path.join(out_dir, "results.csv")
+def write_csv(out_dir: str, rows: list[dict], columns: Optional[list] = None, name: str = "results.csv") -> str:
+    path = os.path.join(out_dir, name)
     columns = columns or CSV_COLUMNS  # another metric's columns (stages/evaluate/classifier_frechet.py)
 
     def w(fh):

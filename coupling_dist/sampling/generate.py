@@ -85,6 +85,10 @@ def settings_from_cfg(cfg, **over) -> SampleSettings:
     kw = dict(temperature=temperature, top_p=s.top_p, latent_scale=s.latent_scale, steps=s.steps, eta=s.eta,
               kappa=s.kappa, proposal_top_p=s.proposal_top_p, seed=s.seed, guidance=s.guidance,
               cfg_scale=s.cfg_scale, label=s.label)
+    if s.guidance == "classifier":  # Algorithm 5's settings (sample.classifier; the reward is loaded by the caller)
+        from ..guidance.latent import latent_guidance_settings
+
+        kw["classifier"] = {k: v for k, v in latent_guidance_settings(cfg).items() if k != "path"}
     kw.update(over)
     return SampleSettings(**kw)
 
@@ -107,12 +111,14 @@ def to_records(ids: torch.Tensor, indices: Sequence[int], tok, eos_id: int, sett
 
 
 def generate_records(model, meta: dict, tok, indices: Sequence[int], settings: SampleSettings, *,
-                     batch_size: int, device="cpu", show_progress: bool = False) -> list[dict]:
+                     batch_size: int, device="cpu", show_progress: bool = False, reward=None) -> list[dict]:
     """``tok``: the data tokenizer, or a domain's sample codec (``domains``: ``len()`` = the ids a
-    sample may hold, ``to_records(ids, indices, settings)`` = its own record format)."""
+    sample may hold, ``to_records(ids, indices, settings)`` = its own record format). ``reward``:
+    latent classifier guidance's R (``sampling.onestep.sample_onestep``)."""
     bar = progress(total=len(indices), desc="sample", enabled=show_progress) if show_progress else None
+    kw = {} if reward is None else {"reward": reward}
     ids = sample_any(model, meta, list(indices), settings, batch_size=batch_size, device=device,
-                     vocab_limit=len(tok), progress=(bar.update if bar is not None else None))
+                     vocab_limit=len(tok), progress=(bar.update if bar is not None else None), **kw)
     if bar is not None:
         bar.close()
     recs = (tok.to_records(ids, indices, settings) if hasattr(tok, "to_records")

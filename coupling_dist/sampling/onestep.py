@@ -15,8 +15,11 @@ Class-conditional exports (meta ``num_classes`` > 0): sample ``index`` has the c
 the index too, so the contract above holds. ``settings.guidance`` says which logits are sampled:
 ``none`` the conditional G(z, y), ``cfg`` classifier-free guidance at ``settings.cfg_scale``
 (``guidance/cfg.py``, Algorithm 4; two generator passes, one at scale 0 or 1), ``classifier``
-latent classifier guidance (Algorithm 5, not wired into the sampler here: refused with a clear
-error). An unconditional export refuses a label or guidance.
+latent classifier guidance (``guidance/latent.py``, Algorithm 5: K gradient steps on z of the
+reward passed as ``reward=``, with ``settings.classifier`` = {steps, step_size, relaxation, tau},
+then the final conditional decode G(z^K, y); one-step exports only; a Gumbel relaxation draws its
+noise from the samples' own generators, after their latents, so the contract above holds). An
+unconditional export refuses a label or guidance.
 """
 from __future__ import annotations
 
@@ -43,12 +46,16 @@ class SampleSettings:
     guidance: str = "none"  # none | cfg | classifier (class-conditional exports)
     cfg_scale: float = 1.0  # classifier-free guidance scale s (guidance cfg)
     label: int = -1  # -1: balanced classes (index % num_classes); k >= 0: every sample is class k
+    # guidance classifier: {steps (K), step_size (eta), relaxation, tau} of Algorithm 5 (sample.classifier)
+    classifier: Optional[dict] = None
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("extra")
         d.pop("top_k_prefilter")
+        if d["guidance"] != "classifier":
+            d.pop("classifier")
         if d["guidance"] == "none" and d["label"] == -1 and d["cfg_scale"] == 1.0:
             for k in ("guidance", "cfg_scale", "label"):  # records of unguided runs stay as they were
                 d.pop(k)
@@ -98,9 +105,9 @@ def check_guidance(meta: dict, settings: SampleSettings) -> int:
                           f"unconditional (num_classes 0; trained with data.num_classes = 0), it takes no class")
     if settings.label >= n > 0:
         raise ConfigError(f"sample.label = {settings.label} but the export has {n} classes (0..{n - 1}; -1 = balanced)")
-    if settings.guidance == "classifier":
-        raise ConfigError("sample.guidance = classifier (latent classifier guidance, Algorithm 5) is not wired into "
-                          "the sampler yet; use sample.guidance=cfg or none")
+    if settings.guidance == "classifier" and not settings.classifier:
+        raise ConfigError("sample.guidance = classifier needs the settings of Algorithm 5 (sample.classifier: steps, "
+                          "step_size, relaxation, tau)")
     return n
 
 
@@ -152,13 +159,22 @@ def decode_step(logits: torch.Tensor, u: torch.Tensor, temperature, top_p: float
 @torch.no_grad()
 def sample_onestep(model, meta: dict, indices: Sequence[int], settings: SampleSettings, *,
                    batch_size: int = 32, device="cpu", vocab_limit: Optional[int] = None,
-                   progress=None) -> torch.Tensor:
+                   progress=None, reward=None) -> torch.Tensor:
     """Draw samples ``indices`` from a one-step generator ``model(z) -> logits``; returns ids [N, T]
-    (on CPU). ``meta`` needs seq_len, latent_dim, vocab_size."""
+    (on CPU). ``meta`` needs seq_len, latent_dim, vocab_size. ``reward``: R of Algorithm 5
+    (``guidance.reward.load_reward``), needed by ``settings.guidance == "classifier"`` only."""
     temp = _position_temperature(settings.temperature, int(meta["seq_len"]))
     banned = banned_ids(meta, vocab_limit, device)
+    if settings.guidance == "classifier" and reward is None and check_guidance(meta, settings):
+        raise ValueError("latent classifier guidance needs the reward classifier (reward=...; sample.classifier.path)")
 
     def batch(z, gens, labels):
+        if settings.guidance == "classifier" and labels is not None:  # Algorithm 5: move z, then decode once
+            from ..guidance.latent import classifier_guided_latents
+
+            c = settings.classifier
+            z = classifier_guided_latents(model, z, labels.to(z.device), reward, int(c["steps"]), float(c["step_size"]),
+                                          c["relaxation"], float(c["tau"]), generator=gens)
         logits = guided_logits(model, z, labels, settings)  # [B, T, V]: T = z's positions x stage_a.patch
         u = draw_uniforms(gens, logits.shape[1])
         return decode_step(logits, u, temp, settings.top_p, banned, settings.top_k_prefilter)

@@ -136,6 +136,10 @@ def sample_any(model, meta: dict, indices: Sequence[int], settings: SampleSettin
         limit = kw.get("vocab_limit")
         kw["vocab_limit"] = vocab.size if limit is None else min(int(limit), vocab.size)
     if meta.get("kind", "onestep") == "masked":
+        if settings.guidance == "classifier":
+            raise ValueError("latent classifier guidance (sample.guidance=classifier) is built for one-step "
+                             "generators; this export is a masked denoiser (use cfg)")
+        kw.pop("reward", None)
         ids = sample_p2_self(model, meta, indices, settings, **kw)
     elif int(settings.steps) != 1:
         raise ValueError(f"steps={settings.steps}: few-step sampling needs a masked denoiser, this export is "

@@ -51,14 +51,14 @@ def _merge(parts: list[str], out_path: str, num_samples: int) -> None:
 
 
 def run_sampling(model, meta: dict, tok, out_path: str, settings: SampleSettings, num_samples: int,
-                 batch_size: int, device="cpu", show_progress: bool = False) -> dict:
+                 batch_size: int, device="cpu", show_progress: bool = False, reward=None) -> dict:
     """Draw this rank's block, write its part, and (rank 0) merge the parts into ``out_path``."""
     r, w = D.rank(), D.world_size()
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     idx = rank_block(num_samples, r, w)
     t0 = time.perf_counter()
     recs = generate_records(model, meta, tok, idx, settings, batch_size=batch_size, device=device,
-                            show_progress=show_progress and r == 0)
+                            show_progress=show_progress and r == 0, reward=reward)
     elapsed = time.perf_counter() - t0
     write_jsonl(f"{out_path}.part-{r:05d}-of-{w:05d}", recs)
     ok = D.all_ok(True)
@@ -79,6 +79,11 @@ def check_input(cfg) -> str:
     else:
         what, fix = "generator export", "run `python -m coupling_dist.stage_b` with this config, or set sample.export"
     check_export(path, what, fix)
+    if cfg.sample.guidance == "classifier":  # the reward classifier Algorithm 5 ascends must be there too
+        from ...guidance.latent import latent_guidance_settings
+        from ...guidance.reward import resolve_classifier_dir
+
+        resolve_classifier_dir(latent_guidance_settings(cfg)["path"])
     return path
 
 
@@ -91,11 +96,17 @@ def sample_rank(cfg) -> dict:
     domain = build_domain(cfg)
     tok = domain.sample_codec(meta)  # text: the data tokenizer; other domains: their record codec
     settings = settings_from_cfg(cfg)
+    reward = None
+    if settings.guidance == "classifier":  # Algorithm 5's R: the reward classifier (python -m coupling_dist.classifier)
+        from ...guidance.latent import latent_guidance_settings
+        from ...guidance.reward import load_reward
+
+        reward = load_reward(latent_guidance_settings(cfg)["path"], domain, meta, dev)
     out = samples_file(cfg)
     log.info("sampling %d samples (kind %s, %s) on %d rank(s) -> %s", cfg.sample.num_samples, meta.get("kind"),
              settings.to_dict(), D.world_size(), out)
     summary = run_sampling(model, meta, tok, out, settings, cfg.sample.num_samples, cfg.sample.batch_size, dev,
-                           show_progress=cfg.run.progress)
+                           show_progress=cfg.run.progress, reward=reward)
     log.info("rank %d: %d samples in %.2f s", D.rank(), summary["rank_samples"], summary["seconds"])
     if D.rank() == 0:  # e.g. binary images: grid.png of the samples beside real.png
         pictures = domain.write_pictures(out, os.path.dirname(os.path.abspath(out)))
