@@ -3,7 +3,8 @@
 Every stage writes under ``run.dir/<stage>/`` (evaluation under ``run.dir/eval``); the stage
 that produces an output and the stages that consume it both ask here, so a default is written
 down once. Optional config keys override the inputs a stage reads (``data.out_dir``,
-``pair_store.artifact``, ``sample.export``, ``sample.out``).
+``pair_store.artifact``, ``sample.export``, ``sample.out``, ``finetune.export``,
+``finetune.reward``).
 """
 from __future__ import annotations
 
@@ -43,6 +44,21 @@ def pair_store_dir(cfg) -> str:
 def generator_export(cfg) -> str:
     """Where Stage B writes its EMA generator."""
     return os.path.join(stage_dir(cfg, "stage_b"), "export")
+
+
+def finetune_source(cfg) -> str:
+    """The generator export reward fine-tuning starts from (theta_0)."""
+    return cfg.finetune.export or generator_export(cfg)
+
+
+def reward_classifier(cfg) -> str:
+    """The reward classifier reward fine-tuning reads (written by ``python -m coupling_dist.classifier``)."""
+    return cfg.finetune.reward or stage_dir(cfg, "classifier")
+
+
+def finetune_export(cfg) -> str:
+    """Where reward fine-tuning writes its generator (the generator export format)."""
+    return os.path.join(stage_dir(cfg, "finetune"), "export")
 
 
 def sampling_export(cfg, kind: str = None) -> str:
