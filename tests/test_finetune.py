@@ -53,3 +53,131 @@ def test_anchor_distances():
     assert float(kl.anchor_distance(a, a)) == pytest.approx(0.0, abs=1e-7)
     assert float(kl.anchor_distance(a, a + 3.0)) == pytest.approx(0.0, abs=1e-6)  # shift-invariant, unlike logit MSE
     assert float(logit.anchor_distance(a, a + 3.0)) == pytest.approx(9.0)
+
+
+# --------------------------------------------------------------------------- pre-flight
+
+from finetune_fixtures import FAST, MNIST, finetune_cfg, make_generator_export, make_reward  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """{export, reward, uncond, short_reward}: made once for the module."""
+    base = tmp_path_factory.mktemp("ft_inputs")
+    cfg = finetune_cfg(base)
+    return {"export": make_generator_export(cfg, str(base / "export")),
+            "uncond": make_generator_export(cfg, str(base / "uncond"), num_classes=0),
+            "reward": make_reward(cfg, str(base / "reward")),
+            "short_reward": make_reward(cfg, str(base / "short_reward"), length=256)}
+
+
+def _run_dir(tmp_path, inputs) -> str:
+    """A run.dir holding the inputs at their default places."""
+    import shutil
+
+    shutil.copytree(inputs["export"], tmp_path / "stage_b" / "export")
+    shutil.copytree(inputs["reward"], tmp_path / "classifier" / "export")
+    return str(tmp_path)
+
+
+def test_preflight_errors(tmp_path, inputs):
+    from coupling_dist.components.preflight import PreflightError
+    from coupling_dist.stages.finetune.preflight import checked_task_info
+
+    with pytest.raises(PreflightError, match=r"finetune.export: no generator export at .*stage_b/export .*coupling_dist.stage_b"):
+        checked_task_info(finetune_cfg(tmp_path / "empty"), 1)
+    with pytest.raises(PreflightError, match=r"finetune.export: .*uncond is an unconditional generator \(num_classes 0"):
+        checked_task_info(finetune_cfg(tmp_path, f"finetune.export={inputs['uncond']}"), 1)
+    with pytest.raises(PreflightError, match=r"finetune.reward: no reward classifier at .*python -m coupling_dist.classifier"):
+        checked_task_info(finetune_cfg(tmp_path, f"finetune.export={inputs['export']}",
+                                       f"finetune.reward={tmp_path / 'nothing'}"), 1)
+    with pytest.raises(PreflightError, match=r"finetune.reward: .*reads sequences of 256 tokens, the generator makes 784"):
+        checked_task_info(finetune_cfg(tmp_path, f"finetune.export={inputs['export']}",
+                                       f"finetune.reward={inputs['short_reward']}"), 1)
+    ok = [f"finetune.export={inputs['export']}", f"finetune.reward={inputs['reward']}"]
+    with pytest.raises(PreflightError, match=r"finetune.export: .* but this config's data.domain 'dna' makes"):
+        checked_task_info(finetune_cfg(tmp_path, *ok, "data.domain=dna", "stage_a.patch=1", "data.seq_len=784"), 1)
+    with pytest.raises(PreflightError, match=r"finetune.tp = 2 does not divide the world size 3"):
+        checked_task_info(finetune_cfg(tmp_path, *ok, "finetune.tp=2"), 3)
+    with pytest.raises(PreflightError, match=r"finetune.train.batch_size \(30\) must be divisible by the data-parallel size 4"):
+        checked_task_info(finetune_cfg(tmp_path, *ok, "finetune.train.batch_size=30"), 4)
+    info = checked_task_info(finetune_cfg(tmp_path, *ok), 2)
+    assert info["num_classes"] == 10 and info["positions"] == 49 and info["latent_dim"] == 16
+    assert len(info["export_sha256"]) == 64 and len(info["reward_sha256"]) == 64
+
+
+def test_cli_refuses_an_unconditional_export_with_exit_2(tmp_path, inputs):
+    proc = run_module("coupling_dist.finetune", "--config", MNIST, f"run.dir={tmp_path}", *FAST,
+                      f"finetune.export={inputs['uncond']}", f"finetune.reward={inputs['reward']}", check=False, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "finetune.export" in proc.stderr and "unconditional generator" in proc.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "finetune", "checkpoints"))
+
+
+# --------------------------------------------------------------------------- real runs
+
+TRAIN = ["finetune.train.batch_size=16", "finetune.train.lr=2e-3", "finetune.train.ckpt_interval=1000",
+         "finetune.train.eval_interval=1000", "finetune.lambda_anchor=0.05"]
+
+
+def _rows(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "finetune", "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh if '"reward"' in line and '"eval_' not in line]
+
+
+def reward_and_anchor(export: str, source: str, reward_dir: str, cfg, n: int = 200) -> dict:
+    """On a fixed batch of n (z, y) (balanced labels): the mean reward on the softmax relaxation and
+    on the hard argmax samples, the reward classifier's accuracy on those, and the logit MSE to theta_0."""
+    import torch.nn.functional as F
+
+    from coupling_dist.domains import build_domain
+    from coupling_dist.guidance.reward import load_reward
+    from coupling_dist.models.generator import load_generator
+
+    model, meta = load_generator(export)
+    theta0, _ = load_generator(source)
+    reward = load_reward(reward_dir, build_domain(cfg), meta)
+    g = torch.Generator().manual_seed(123)
+    z = torch.randn(n, meta["seq_len"] // meta["patch"], meta["latent_dim"], generator=g)
+    y = torch.arange(n) % meta["num_classes"]
+    with torch.no_grad():
+        logits, ref = model(z, labels=y), theta0(z, labels=y)
+        logits, ref = logits[..., :2], ref[..., :2]  # the pixel rows (the others are no token)
+        hard = F.one_hot(logits.argmax(-1), 2).float()
+        soft_r, hard_r = reward(torch.softmax(logits, -1), y), reward(hard, y)
+        acc = (F.log_softmax(reward.net(reward.classifier_input(hard)), -1).argmax(1) == y).float().mean()
+    return {"reward": float(soft_r.mean()), "reward_hard": float(hard_r.mean()), "accuracy": float(acc),
+            "anchor": float(((logits - ref) ** 2).mean())}
+
+
+def test_finetune_raises_the_reward_keeps_the_anchor_bounded_and_exports(tmp_path, inputs):
+    from coupling_dist.models.generator import load_generator
+
+    run = _run_dir(tmp_path, inputs)
+    steps, lam_r, lam_a = 40, 1.0, 0.05
+    run_module("coupling_dist.finetune", "--config", MNIST, f"run.dir={run}", *FAST, *TRAIN,
+               f"finetune.train.steps={steps}", timeout=600)
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    first, last = sum(r["reward"] for r in rows[:5]) / 5, sum(r["reward"] for r in rows[-5:]) / 5
+    assert last > first + 0.5, (first, last)  # the logged training reward rises
+    assert all(k in rows[-1] for k in ("anchor", "reward_hard", "accuracy", "grad_norm"))
+    src, out = os.path.join(run, "stage_b", "export"), os.path.join(run, "finetune", "export")
+    cfg = finetune_cfg(run)
+    before = reward_and_anchor(src, src, inputs["reward"], cfg)
+    after = reward_and_anchor(out, src, inputs["reward"], cfg)
+    assert before["anchor"] == 0.0
+    # held-out (z, y): the reward rises, on the relaxation and on the hard samples
+    assert after["reward"] > before["reward"] + 0.5 and after["reward_hard"] > before["reward_hard"] + 0.5, (before, after)
+    assert after["accuracy"] > before["accuracy"] + 0.2, (before, after)
+    # anchor bounded: the fine-tuning objective did not get worse than at theta_0, so
+    # lambda_anchor * anchor <= lambda_reward * (reward gain), up to the batch's noise
+    assert 0 < after["anchor"] <= 1.25 * lam_r * (after["reward"] - before["reward"]) / lam_a, (before, after)
+    model, meta = load_generator(out)
+    assert meta["num_classes"] == 10 and meta["train_step"] == steps
+    ft = meta["finetune"]
+    assert ft["source_export"] == os.path.abspath(src) and ft["lambda_anchor"] == lam_a and ft["anchor"] == "logit"
+    assert ft["reward"] == os.path.abspath(os.path.join(run, "classifier", "export")) and len(ft["reward_sha256"]) == 64
+    done = json.load(open(os.path.join(run, "finetune", "_COMPLETE.json")))
+    assert done["summary"]["steps"] == steps and done["summary"]["reward"] == pytest.approx(rows[-1]["reward"])
+

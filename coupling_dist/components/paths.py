@@ -51,7 +51,7 @@ def finetune_source(cfg) -> str:
     return cfg.finetune.export or generator_export(cfg)
 
 
-def reward_classifier(cfg) -> str:
+def finetune_reward(cfg) -> str:
     """The reward classifier reward fine-tuning reads (written by ``python -m coupling_dist.classifier``)."""
     return cfg.finetune.reward or stage_dir(cfg, "classifier")
 

@@ -96,7 +96,7 @@ def stage_inputs(cfg, stage: str) -> list[Input]:
     if stage == "stage_b":
         return [Input("pair store", "pair_store", P.pair_store_dir(cfg), "shards")]
     if stage == "finetune":
-        src, reward = P.finetune_source(cfg), P.reward_classifier(cfg)
+        src, reward = P.finetune_source(cfg), P.finetune_reward(cfg)
         return [Input("generator export", "stage_b" if _same(src, P.generator_export(cfg)) else None, src, "export"),
                 Input("reward classifier", "classifier" if _same(reward, P.stage_dir(cfg, "classifier")) else None,
                       reward, "export")]

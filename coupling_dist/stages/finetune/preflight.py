@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from ...components.paths import finetune_source, reward_classifier
+from ...components.paths import finetune_reward, finetune_source
 from ...components.preflight import PreflightError, safetensors_problem
 from ...components.provenance import content_id
 from ...config import Config
@@ -71,7 +71,8 @@ def preflight(cfg: Config) -> dict:
         raise PreflightError(f"finetune.export: {src} is an unconditional generator (num_classes {classes} in its "
                              f"config.json); reward fine-tuning (Algorithm 6) conditions the generator on the class y. "
                              f"Train a class-conditional one (data.num_classes > 0) and fine-tune that")
-    reward_dir = reward_classifier(cfg)
+    check_domain(cfg, meta, src)
+    reward_dir = finetune_reward(cfg)
     if not os.path.isdir(reward_dir):
         raise PreflightError(f"finetune.reward: no reward classifier at {reward_dir}; {FIX_REWARD}")
     reward_info = check_reward(cfg, reward_dir, meta, src)
@@ -79,21 +80,41 @@ def preflight(cfg: Config) -> dict:
     seq_len = int(meta["seq_len"])
     return {"export": os.path.abspath(src), "arch": conf["arch"], "meta": meta, "num_classes": classes,
             "seq_len": seq_len, "positions": seq_len // patch, "latent_dim": int(meta["latent_dim"]),
-            "reward": os.path.abspath(reward_dir), "reward_info": reward_info,
-            "export_sha256": content_id(src, "export")[0], "reward_sha256": content_id(reward_dir, "export")[0]}
+            "reward": os.path.abspath(reward_info["dir"]), "reward_classes": reward_info["num_classes"],
+            "export_sha256": content_id(src, "export")[0], "reward_sha256": content_id(reward_info["dir"], "export")[0]}
+
+
+def check_domain(cfg: Config, meta: dict, src: str) -> None:
+    """The export was made from this run's kind of data (``data.domain``, its token order): the
+    reward classifier and the relaxation read the generator's rows in the domain's terms."""
+    from ...domains import build_domain
+
+    have = meta.get("tokenizer") or {}
+    if not have.get("hash"):
+        return
+    want = build_domain(cfg).tokenizer_identity()
+    if want.get("hash") and want["hash"] != have["hash"]:
+        raise PreflightError(f"finetune.export: {src} was trained on {have.get('name')!r} data (hash {have['hash']}) but "
+                             f"this config's data.domain {cfg.data.domain!r} makes {want.get('name')!r} (hash "
+                             f"{want['hash']}); fine-tune with the config of the run that made the export")
 
 
 def check_reward(cfg: Config, reward_dir: str, meta: dict, src: str) -> dict:
-    """The reward classifier loads for this domain and generator, else a ``PreflightError`` naming
-    ``finetune.reward``; returns what it records (sequence length, vocabulary, classes)."""
+    """The reward classifier loads for this domain and reads what the generator writes (sequence
+    length, vocabulary, the generator's classes), else a ``PreflightError`` naming ``finetune.reward``;
+    returns its number of classes and the directory it was loaded from."""
+    from ...components.preflight import InputError
     from ...domains import build_domain
-    from ...guidance.reward import load_reward
+    from ...guidance import reward as R
 
     domain = build_domain(cfg)
     try:
-        reward = load_reward(reward_dir, domain, meta)
-    except FileNotFoundError as e:
-        raise PreflightError(f"finetune.reward: no reward classifier at {reward_dir} ({e}); {FIX_REWARD}") from None
-    except ValueError as e:  # a classifier of other sequences than the generator writes
-        raise PreflightError(f"finetune.reward: {reward_dir} does not fit the generator {src}: {e}") from None
-    return {"num_classes": int(getattr(reward, "num_classes", meta.get("num_classes", 0)))}
+        reward = R.load_reward(reward_dir, domain, meta)
+    except InputError as e:
+        raise PreflightError(f"finetune.reward: {str(e).replace(R.FIX, FIX_REWARD)} (generator: {src})") from None
+    classes = int(meta["num_classes"])
+    if reward.n_classes != classes:
+        raise PreflightError(f"finetune.reward: the classifier at {reward_dir} tells {reward.n_classes} classes but the "
+                             f"generator {src} is conditioned on {classes} (num_classes); train the reward classifier "
+                             f"on the generator's data")
+    return {"num_classes": reward.n_classes, "dir": R.resolve_classifier_dir(reward_dir)}

@@ -84,10 +84,7 @@ class FinetuneTask:
             from ...domains import build_domain
             from ...guidance.reward import load_reward
 
-            reward = load_reward(self.info["reward"], build_domain(self.cfg), self.info["meta"])
-            if isinstance(reward, nn.Module):
-                reward = reward.to(device).requires_grad_(False).eval()
-            self._reward = reward
+            self._reward = load_reward(self.info["reward"], build_domain(self.cfg), self.info["meta"], device=device)
         return self._reward
 
     def banned(self, device: torch.device) -> torch.Tensor:
@@ -232,9 +229,8 @@ def hard_metrics(reward, hard: torch.Tensor, labels: torch.Tensor, num_classes: 
 
 
 def class_log_probs(reward, probs: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """log p(c | x) for every class c: [B, C]."""
-    if hasattr(reward, "class_log_probs"):
-        return reward.class_log_probs(probs)
-    B = probs.shape[0]
-    return torch.stack([reward(probs, torch.full((B,), c, dtype=torch.long, device=probs.device))
-                        for c in range(num_classes)], 1)
+    """log p(c | x) for every class c: [B, C] (one classifier pass: ``guidance.reward.Reward``'s
+    classifier input and network)."""
+    w = reward.net.fc.weight
+    logits = reward.net(reward.classifier_input(probs).to(device=w.device, dtype=w.dtype))
+    return F.log_softmax(logits.float(), -1)[:, :num_classes]
