@@ -252,9 +252,11 @@ class FinetuneConfig:
     labels: str = _f("balanced", choices=("balanced", "uniform"))
     latent_scale: float = _f(1.0, gt=0)  # z ~ N(0, latent_scale^2 I)
     tp: int = _f(1, gt=0)  # tensor-parallel size; DP = world / tp
+    # fine-tuning defaults (the paper's code: lr 1e-5, AdamW betas (0.9, 0.95), no weight decay, no
+    # warm-up); keep_defaults: a file that sets some finetune.train keys keeps these for the others
     train: TrainConfig = _f(factory=lambda: TrainConfig(steps=200, lr=1e-5, weight_decay=0.0, betas=[0.9, 0.95],
                                                         warmup_steps=0, schedule="constant", ckpt_interval=100,
-                                                        eval_interval=50))
+                                                        eval_interval=50), keep_defaults=True)
     ray_workers: Optional[int] = _f(None, gt=0)  # run as this many Ray-actor ranks (default under a Ray job: ray.num_workers)
 
 
@@ -415,6 +417,10 @@ def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
+            f = fields[name]
+            if f.metadata.get("keep_defaults") and isinstance(value, dict):
+                # the section's own defaults (its factory's) stay for the keys the file leaves out
+                value = _merged(dataclasses.asdict(f.default_factory()), value)
             kwargs[name] = _build(tp, value, key, where)
             continue
         ok, coerced = _type_ok(value, tp)
@@ -428,6 +434,13 @@ def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
         if name not in kwargs and not dataclasses.is_dataclass(hints[name]):
             _check_range(f"{prefix}.{name}" if prefix else name, getattr(obj, name), f.metadata, where)
     return obj
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
 
 
 def section_from_dict(cls: type, data: Any, key: str, where: str) -> Any:

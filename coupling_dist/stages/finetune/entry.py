@@ -41,7 +41,8 @@ def train(cfg: Config) -> dict:
     task = FinetuneTask(cfg, task_info, dims)
     summary, layout = train_and_export(cfg, "finetune", task, task.loaders(), finetune_export(cfg),
                                        ("loss", "reward", "anchor", "reward_hard", "accuracy"))
-    summary.update(layout=dict(layout, tp=cfg.finetune.tp), source=task_info["export"], reward=task_info["reward"])
+    summary.update(layout=dict(layout, tp=cfg.finetune.tp), source_export=task_info["export"],
+                   reward_classifier=task_info["reward"])
     return summary
 
 
