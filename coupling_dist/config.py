@@ -74,6 +74,9 @@ class DataConfig:
     verify_existing: str = _f("sha256", choices=("sha256", "size"))  # how a re-run checks finished shards
     # output heads over the whole tokenizer vocabulary, or only the ids the shards use (data/vocab.py)
     vocab: str = _f("full", choices=("full", "corpus"))
+    # text: the JSONL field / Parquet column holding each document's int class label (shard field
+    # "label", as binary_image / dna write it); null: unlabelled (the shards stay byte-identical)
+    label_field: Optional[str] = None
 
 
 @dataclass
@@ -240,7 +243,7 @@ class FinetuneConfig:
     """Reward fine-tuning (Algorithm 6; ``python -m coupling_dist.finetune``, stages/finetune/)."""
 
     export: Optional[str] = None  # the generator export theta_0 to start from; default run.dir/stage_b/export
-    reward: Optional[str] = None  # the reward classifier (python -m coupling_dist.classifier); default run.dir/classifier
+    reward: Optional[str] = None  # the reward classifier (python -m coupling_dist.classifier); default classifier.out
     lambda_reward: float = _f(1.0, gt=0)
     lambda_anchor: float = _f(1.0, ge=0)
     # the anchor penalty R(theta, theta_0) on the same (z, y): "logit" = MSE between the logits,
@@ -258,6 +261,18 @@ class FinetuneConfig:
                                                         warmup_steps=0, schedule="constant", ckpt_interval=100,
                                                         eval_interval=50), keep_defaults=True)
     ray_workers: Optional[int] = _f(None, gt=0)  # run as this many Ray-actor ranks (default under a Ray job: ray.num_workers)
+
+
+@dataclass
+class ClassifierGuidanceConfig:
+    """Latent classifier guidance (Algorithm 5, ``guidance/latent.py``): ``steps`` = K gradient-ascent
+    steps of size ``step_size`` (eta) on z of log p(y | relaxation(G(z, y))) under the reward classifier."""
+
+    path: Optional[str] = None  # the reward classifier; default: classifier.out (run.dir/classifier/export)
+    steps: int = _f(5, ge=0)  # K (0: no guidance steps, the plain decode of z)
+    step_size: float = _f(1.0, gt=0)  # eta
+    relaxation: str = _f("softmax", choices=("softmax", "gumbel", "straight_through"))  # rho (guidance/relax.py)
+    tau: float = _f(1.0, gt=0)  # the relaxation's temperature (not the sampling temperature)
 
 
 @dataclass
@@ -279,6 +294,23 @@ class SampleConfig:
     step_temperatures: Optional[list] = None  # per-step tau_i for P2-self (length = steps)
     export: Optional[str] = None  # export dir; default: run.dir/stage_b/export (kind stage_a: run.dir/stage_a/export)
     ray_workers: Optional[int] = _f(None, gt=0)  # run as this many Ray-actor ranks (default under a Ray job: ray.num_workers)
+    classifier: ClassifierGuidanceConfig = _f(factory=ClassifierGuidanceConfig)
+
+
+@dataclass
+class ClassifierConfig:
+    """The reward classifier (``python -m coupling_dist.classifier``): trained on the training shards'
+    tokens and labels, separate from the evaluation classifier (another seed and width)."""
+
+    steps: int = _f(1500, gt=0)  # AdamW steps
+    batch_size: int = _f(128, gt=0)
+    lr: float = _f(1e-3, gt=0)
+    seed: Optional[int] = _f(None, ge=0)  # default run.seed + 1 (the evaluation classifier uses run.seed)
+    width: int = _f(64, gt=0)  # channel width of the convolutions (the evaluation classifier: 32)
+    # fraction of each batch fed soft inputs (one-hot mixed with random distributions), so that the
+    # reward is meaningful on the relaxed samples classifier guidance feeds it; 0: one-hot only
+    soft_fraction: float = _f(0.5, ge=0, le=1)
+    out: Optional[str] = None  # default: run.dir/classifier/export
 
 
 @dataclass
@@ -328,6 +360,7 @@ class Config:
     finetune: FinetuneConfig = _f(factory=FinetuneConfig)
     sample: SampleConfig = _f(factory=SampleConfig)
     evaluate: EvaluateConfig = _f(factory=EvaluateConfig)
+    classifier: ClassifierConfig = _f(factory=ClassifierConfig)
     pipeline: PipelineConfig = _f(factory=PipelineConfig)
 
     def stage_dir(self, stage: str) -> str:
@@ -540,6 +573,13 @@ def _cross_checks(cfg: Config, where: str) -> None:
         if m.kind == "masked":
             raise ConfigError(f"{where}: 'stage_b.model.kind: masked' reads x_t per token; it does not support "
                               f"'stage_a.patch' > 1 (use onestep or composite)")
+    d = cfg.data
+    if d.label_field is not None and (d.domain != "text" or d.format == "text"):
+        raise ConfigError(f"{where}: 'data.label_field' = {d.label_field!r} names a label column of JSONL / Parquet "
+                          f"text corpora; data.domain {d.domain} with data.format {d.format} has none "
+                          f"(binary_image and dna read their labels from their corpus)")
+    if d.label_field is not None and d.label_field == d.text_field:
+        raise ConfigError(f"{where}: 'data.label_field' and 'data.text_field' are both {d.text_field!r}")
     bad = [s for s in cfg.pipeline.stages if s not in PIPELINE_STAGES]
     if bad:
         raise ConfigError(f"{where}: 'pipeline.stages' has unknown stage {bad[0]!r} (stages: {list(PIPELINE_STAGES)})")

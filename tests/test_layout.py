@@ -11,7 +11,7 @@ from conftest import ROOT
 
 PKG = "coupling_dist"
 SHIMS = {f"{PKG}.{m}" for m in ("preprocess", "stage_a", "pair_store", "stage_b", "finetune", "sample", "evaluate",
-                                 "pipeline", "plan")}
+                                 "pipeline", "plan", "classifier")}
 
 
 def _modules(root: str, top: str) -> dict[str, str]:

@@ -3,8 +3,8 @@
 Every stage writes under ``run.dir/<stage>/`` (evaluation under ``run.dir/eval``); the stage
 that produces an output and the stages that consume it both ask here, so a default is written
 down once. Optional config keys override the inputs a stage reads (``data.out_dir``,
-``pair_store.artifact``, ``sample.export``, ``sample.out``, ``finetune.export``,
-``finetune.reward``).
+``pair_store.artifact``, ``sample.export``, ``sample.out``, ``classifier.out``, ``sample.classifier.path``,
+``finetune.export``, ``finetune.reward``).
 """
 from __future__ import annotations
 
@@ -51,11 +51,6 @@ def finetune_source(cfg) -> str:
     return cfg.finetune.export or generator_export(cfg)
 
 
-def finetune_reward(cfg) -> str:
-    """The reward classifier reward fine-tuning reads (written by ``python -m coupling_dist.classifier``)."""
-    return cfg.finetune.reward or stage_dir(cfg, "classifier")
-
-
 def finetune_export(cfg) -> str:
     """Where reward fine-tuning writes its generator (the generator export format)."""
     return os.path.join(stage_dir(cfg, "finetune"), "export")
@@ -67,6 +62,21 @@ def sampling_export(cfg, kind: str = None) -> str:
     kind = kind or cfg.sample.kind
     explicit = cfg.sample.export if kind == cfg.sample.kind else None  # sample.export names sample.kind's export
     return explicit or (stage_a_export(cfg) if kind == "stage_a" else generator_export(cfg))
+
+
+def reward_classifier(cfg) -> str:
+    """Where ``python -m coupling_dist.classifier`` writes the reward classifier (``classifier.out``)."""
+    return cfg.classifier.out or os.path.join(stage_dir(cfg, "classifier"), "export")
+
+
+def finetune_reward(cfg) -> str:
+    """The reward classifier reward fine-tuning reads (``finetune.reward``, default ``classifier.out``)."""
+    return cfg.finetune.reward or reward_classifier(cfg)
+
+
+def guidance_classifier(cfg) -> str:
+    """The reward classifier that latent classifier guidance reads (``sample.classifier.path``)."""
+    return cfg.sample.classifier.path or reward_classifier(cfg)
 
 
 def samples_file(cfg) -> str:

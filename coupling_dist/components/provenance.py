@@ -59,6 +59,7 @@ CONFIG_KEYS = {
     "finetune": (("run.seed", "finetune."), ("finetune.export", "finetune.reward", "finetune.ray_workers", "finetune.tp")
                  + tuple(f"finetune.train.{k}" for k in _TRAIN_HOW)),
     "sample": (("sample.",), ("sample.export", "sample.out", "sample.ray_workers")),
+    "classifier": (("run.seed", "classifier."), ("classifier.out",)),
     "evaluate": (("evaluate.", "sample.", "data.tokenizer", "data.seq_len"),
                  ("evaluate.samples", "evaluate.reference", "evaluate.num_actors", "sample.export", "sample.out",
                   "sample.ray_workers", "sample.num_samples")),
@@ -88,7 +89,7 @@ def stage_inputs(cfg, stage: str) -> list[Input]:
         except (FileNotFoundError, ValueError, OSError):  # preprocess itself reports it
             files = []
         return [Input("corpus", None, files, "files")]
-    if stage == "stage_a":
+    if stage in ("stage_a", "classifier"):
         return [data]
     if stage == "pair_store":
         art = P.stage_a_artifact(cfg)
@@ -98,7 +99,7 @@ def stage_inputs(cfg, stage: str) -> list[Input]:
     if stage == "finetune":
         src, reward = P.finetune_source(cfg), P.finetune_reward(cfg)
         return [Input("generator export", "stage_b" if _same(src, P.generator_export(cfg)) else None, src, "export"),
-                Input("reward classifier", "classifier" if _same(reward, P.stage_dir(cfg, "classifier")) else None,
+                Input("reward classifier", "classifier" if _same(reward, P.reward_classifier(cfg)) else None,
                       reward, "export")]
     if stage == "sample":
         return [_export_input(cfg, cfg.sample.kind)]
@@ -139,6 +140,7 @@ def stage_outputs(cfg, stage: str) -> dict:
         "finetune": {"export": (paths.finetune_export(cfg), "export")},
         "sample": {"samples": (paths.samples_file(cfg), "file")},
         "evaluate": {"results": (paths.eval_results(cfg), "file")},
+        "classifier": {"reward classifier": (paths.reward_classifier(cfg), "export")},
     }[stage]
 
 

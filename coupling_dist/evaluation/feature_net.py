@@ -8,9 +8,14 @@ fetched here, so each domain trains its own small classifier on real data and fr
 - ``seq1d``: a 1-D CNN over one-hot tokens [N, L] (DNA: vocab 4, L 500) with global max + mean
   pooling, so any length >= its receptive field works.
 
-Both take token ids (one-hot inside, so a token id never acts as a magnitude), expose
-``features(tokens) -> [N, num_features]`` (the penultimate layer, after its ReLU, like Inception's
-pool features) and ``forward -> logits``. ``train_feature_net`` is deterministic for a seed on CPU
+Both take token ids (one-hot inside, so a token id never acts as a magnitude) or soft inputs: a
+float tensor [N, L, V] of per-position probabilities (a relaxed sample, ``guidance/relax.py``) is
+used in place of the one-hot, so the classifier is differentiable in its input (the reward of
+classifier guidance, ``guidance/reward.py``); the one-hot of ids as floats gives exactly the id
+path's output. They expose ``features(tokens) -> [N, num_features]`` (the penultimate layer, after
+its ReLU, like Inception's pool features) and ``forward -> logits``. ``width`` scales the
+convolutions' channels (default 32: the evaluation classifier; the reward classifier is wider, so
+it is a different network). ``train_feature_net`` is deterministic for a seed on CPU
 (initialisation, the held-out split and the batch order all come from it). ``save_feature_net`` /
 ``load_feature_net`` write / read ``model.safetensors`` + ``feature_net.json`` atomically.
 """
@@ -46,27 +51,38 @@ def as_token_tensor(tokens, vocab: int, length: Optional[int] = None) -> torch.T
     return t
 
 
+def input_one_hot(tokens, vocab: int, length: Optional[int], like: torch.Tensor) -> torch.Tensor:
+    """[N, L, V] floats on ``like``'s device and dtype: the one-hot of token ids, or soft inputs (a
+    floating tensor [N, L, V], e.g. probabilities) as they are, keeping their autograd graph."""
+    if torch.is_tensor(tokens) and tokens.is_floating_point() and tokens.dim() == 3:
+        if tokens.shape[2] != vocab or (length is not None and tokens.shape[1] != length):
+            want = f"[N, {length if length is not None else 'L'}, {vocab}]"
+            raise ValueError(f"expected soft inputs of shape {want}, got {tuple(tokens.shape)}")
+        return tokens.to(device=like.device, dtype=like.dtype)
+    t = as_token_tensor(tokens, vocab, length).to(like.device)
+    return F.one_hot(t, vocab).to(like.dtype)
+
+
 class Digit2D(nn.Module):
     """conv(3x3, 32) -> pool -> conv(3x3, 64) -> pool -> fc(128) [features] -> fc(n_classes)."""
 
     kind = "digit2d"
 
-    def __init__(self, n_classes: int, vocab: int = 2, length: int = 784):
+    def __init__(self, n_classes: int, vocab: int = 2, length: int = 784, width: int = 32):
         super().__init__()
         side = math.isqrt(length)
         if side * side != length or side % 4:
             raise ValueError(f"digit2d needs a square image whose side is a multiple of 4; length {length} is not")
-        self.n_classes, self.vocab, self.length, self.side = n_classes, vocab, length, side
+        self.n_classes, self.vocab, self.length, self.side, self.width = n_classes, vocab, length, side, width
         self.num_features = NUM_FEATURES
-        self.conv1 = nn.Conv2d(vocab, 32, 3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.fc = nn.Linear(64 * (side // 4) ** 2, NUM_FEATURES)
+        self.conv1 = nn.Conv2d(vocab, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.fc = nn.Linear(2 * width * (side // 4) ** 2, NUM_FEATURES)
         self.head = nn.Linear(NUM_FEATURES, n_classes)
 
     def features(self, tokens) -> torch.Tensor:
-        t = as_token_tensor(tokens, self.vocab, self.length).to(self.fc.weight.device)
-        x = F.one_hot(t, self.vocab).to(self.fc.weight.dtype)  # [N, L, V]
-        x = x.transpose(1, 2).reshape(len(t), self.vocab, self.side, self.side)
+        x = input_one_hot(tokens, self.vocab, self.length, self.fc.weight)  # [N, L, V]
+        x = x.transpose(1, 2).reshape(len(x), self.vocab, self.side, self.side)
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
         return F.relu(self.fc(x.flatten(1)))
@@ -76,26 +92,25 @@ class Digit2D(nn.Module):
 
 
 class Seq1D(nn.Module):
-    """Three conv1d(k=9) blocks (32, 64, 128 channels; max-pool 4 after the first two), global max
-    and mean pooling, fc(128) [features] -> fc(n_classes)."""
+    """Three conv1d(k=9) blocks (32, 64, 128 channels at width 32; max-pool 4 after the first two),
+    global max and mean pooling, fc(128) [features] -> fc(n_classes)."""
 
     kind = "seq1d"
 
-    def __init__(self, n_classes: int, vocab: int = 4, length: int = 500):
+    def __init__(self, n_classes: int, vocab: int = 4, length: int = 500, width: int = 32):
         super().__init__()
         if length < 9 * 16:
             raise ValueError(f"seq1d needs sequences of length >= 144 (its receptive field); got {length}")
-        self.n_classes, self.vocab, self.length = n_classes, vocab, length
+        self.n_classes, self.vocab, self.length, self.width = n_classes, vocab, length, width
         self.num_features = NUM_FEATURES
-        self.conv1 = nn.Conv1d(vocab, 32, 9, padding=4)
-        self.conv2 = nn.Conv1d(32, 64, 9, padding=4)
-        self.conv3 = nn.Conv1d(64, 128, 9, padding=4)
-        self.fc = nn.Linear(2 * 128, NUM_FEATURES)
+        self.conv1 = nn.Conv1d(vocab, width, 9, padding=4)
+        self.conv2 = nn.Conv1d(width, 2 * width, 9, padding=4)
+        self.conv3 = nn.Conv1d(2 * width, 4 * width, 9, padding=4)
+        self.fc = nn.Linear(2 * 4 * width, NUM_FEATURES)
         self.head = nn.Linear(NUM_FEATURES, n_classes)
 
     def features(self, tokens) -> torch.Tensor:
-        t = as_token_tensor(tokens, self.vocab).to(self.fc.weight.device)
-        x = F.one_hot(t, self.vocab).to(self.fc.weight.dtype).transpose(1, 2)  # [N, V, L]
+        x = input_one_hot(tokens, self.vocab, None, self.fc.weight).transpose(1, 2)  # [N, V, L]
         x = F.max_pool1d(F.relu(self.conv1(x)), 4)
         x = F.max_pool1d(F.relu(self.conv2(x)), 4)
         x = F.relu(self.conv3(x))
@@ -106,15 +121,17 @@ class Seq1D(nn.Module):
         return self.head(self.features(tokens))
 
 
-def build_feature_net(kind: str, n_classes: int, vocab: int, length: int, seed: int = 0) -> nn.Module:
-    """A freshly initialised classifier; the initial weights depend only on ``seed``."""
+def build_feature_net(kind: str, n_classes: int, vocab: int, length: int, seed: int = 0, width: int = 32) -> nn.Module:
+    """A freshly initialised classifier; the initial weights depend only on ``seed`` (and the shape)."""
     if kind not in KINDS:
         raise ValueError(f"unknown feature net kind '{kind}' (known: {', '.join(KINDS)})")
     if n_classes < 2 or vocab < 2:
         raise ValueError(f"a feature net needs n_classes >= 2 and vocab >= 2 (got {n_classes}, {vocab})")
+    if width < 1:
+        raise ValueError(f"a feature net needs width >= 1 (got {width})")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = (Digit2D if kind == "digit2d" else Seq1D)(n_classes, vocab, length)
+        net = (Digit2D if kind == "digit2d" else Seq1D)(n_classes, vocab, length, width)
     return net
 
 
@@ -138,14 +155,29 @@ def accuracy(net: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, batch_s
     return hits / len(tokens)
 
 
+def soften(x: torch.Tensor, fraction: float, gen: torch.Generator, max_mix: float = 0.5) -> torch.Tensor:
+    """One-hot inputs [B, L, V] with a ``fraction`` of the rows mixed with random distributions:
+    row i -> (1 - a_i) one_hot + a_i softmax(2 g), a_i ~ U(0, max_mix), g standard normal per
+    position (every position stays a distribution). Drawn from ``gen`` (deterministic)."""
+    b = x.shape[0]
+    rows = torch.rand(b, generator=gen) < fraction
+    alpha = torch.rand(b, generator=gen) * max_mix * rows
+    noise = torch.softmax(2.0 * torch.randn(x.shape, generator=gen), dim=-1)
+    a = alpha.to(x.dtype).view(b, 1, 1)
+    return (1 - a) * x + a * noise.to(x.dtype)
+
+
 def train_feature_net(net: nn.Module, tokens, labels, steps: int, seed: int, batch_size: int = 128,
-                      lr: float = 1e-3, heldout_fraction: float = 0.1, weight_decay: float = 1e-4) -> dict:
+                      lr: float = 1e-3, heldout_fraction: float = 0.1, weight_decay: float = 1e-4,
+                      soft_fraction: float = 0.0) -> dict:
     """Train ``net`` in place with AdamW on cross-entropy; left in eval mode.
 
     The weights are re-initialised from ``seed`` first, and a ``heldout_fraction`` of the examples
     (a seeded permutation) is kept out of training to measure accuracy, so the same (data, seed)
-    gives bit-identical weights on CPU. Returns {heldout_acc, train_acc, steps, n_train, n_heldout}
-    (train_acc on at most 5,000 training examples)."""
+    gives bit-identical weights on CPU. ``soft_fraction`` > 0: that fraction of each batch is fed
+    softened one-hots (``soften``: the reward classifier must score relaxed samples); 0 draws
+    nothing extra, so the result is the same as before the option existed. Returns {heldout_acc,
+    train_acc, steps, n_train, n_heldout} (train_acc on at most 5,000 training examples)."""
     t = as_token_tensor(tokens, net.vocab)
     y = labels.long() if torch.is_tensor(labels) else torch.tensor(np.asarray(labels), dtype=torch.long)
     if len(y) != len(t):
@@ -168,7 +200,10 @@ def train_feature_net(net: nn.Module, tokens, labels, steps: int, seed: int, bat
         if len(order) < batch_size:  # epochs of seeded permutations, a batch never spans two
             order = train[torch.randperm(len(train), generator=gen)]
         idx, order = order[:batch_size], order[batch_size:]
-        loss = F.cross_entropy(net(t[idx]), y[idx])
+        x = t[idx]
+        if soft_fraction > 0:
+            x = soften(F.one_hot(x, net.vocab).float(), soft_fraction, gen)
+        loss = F.cross_entropy(net(x), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -182,7 +217,7 @@ def save_feature_net(net: nn.Module, out_dir: str, meta: Optional[dict] = None) 
     """``out_dir``/model.safetensors + feature_net.json (the architecture and ``meta``), swapped in atomically."""
     from safetensors.torch import save_file
 
-    arch = dict(kind=net.kind, n_classes=net.n_classes, vocab=net.vocab, length=net.length)
+    arch = dict(kind=net.kind, n_classes=net.n_classes, vocab=net.vocab, length=net.length, width=net.width)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
 
     def write(tmp: str) -> None:
@@ -206,7 +241,8 @@ def load_feature_net(path: str) -> nn.Module:
         doc = json.load(fh)
     try:
         arch = doc["arch"]
-        net = build_feature_net(arch["kind"], arch["n_classes"], arch["vocab"], arch["length"])
+        net = build_feature_net(arch["kind"], arch["n_classes"], arch["vocab"], arch["length"],
+                                width=int(arch.get("width", 32)))  # files written before width: 32
     except (KeyError, TypeError) as e:
         raise ValueError(f"{meta_path}: missing or bad 'arch' entry ({e})") from None
     net.load_state_dict(load_file(weights))
