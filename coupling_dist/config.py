@@ -77,6 +77,9 @@ class DataConfig:
     # text: the JSONL field / Parquet column holding each document's int class label (shard field
     # "label", as binary_image / dna write it); null: unlabelled (the shards stay byte-identical)
     label_field: Optional[str] = None
+    # > 0: a class-conditional run: every sample's class is the shards' "label" field, in
+    # [0, num_classes); Stage A's flow and Stage B's generator take it (README "Class-conditional runs")
+    num_classes: int = _f(0, ge=0)
 
 
 @dataclass
@@ -175,6 +178,9 @@ class StageAConfig:
     lambda_flow_start: float = _f(0.5, ge=0)
     lambda_flow_end: float = _f(1.0, ge=0)
     flow_anneal_fraction: float = _f(0.05, ge=0, le=1)
+    # data.num_classes > 0: probability that a training sample's class is replaced by the null
+    # class, so the flow is also an unconditional flow NF(.; null) (the composite's CFG branch)
+    cond_dropout: float = _f(0.1, ge=0, le=1)
     flow: FlowConfig = _f(factory=FlowConfig)
     decoder: DecoderConfig = _f(factory=DecoderConfig)
     train: TrainConfig = _f(factory=TrainConfig)
@@ -234,6 +240,9 @@ class StageBConfig:
     latent_mix_unit: str = _f("update", choices=("update", "sample"))
     # Weight of pad positions (after the first EOS) in the one-step CE; 1 = Eq. 2 (all T positions).
     pad_weight: float = _f(1.0, ge=0)
+    # data.num_classes > 0: probability that a training sample's class is the null class (the
+    # unconditional logits classifier-free guidance needs); drawn from the (seed, step, rank) generator
+    cond_dropout: float = _f(0.1, ge=0, le=1)
     train: TrainConfig = _f(factory=lambda: TrainConfig(lr=2e-4, ema_decay=0.999))
     ray_workers: Optional[int] = _f(None, gt=0)  # run as this many Ray-actor ranks (default under a Ray job: ray.num_workers)
 
@@ -293,6 +302,12 @@ class SampleConfig:
     out: Optional[str] = None  # default: run.dir/sample/samples.jsonl
     step_temperatures: Optional[list] = None  # per-step tau_i for P2-self (length = steps)
     export: Optional[str] = None  # export dir; default: run.dir/stage_b/export (kind stage_a: run.dir/stage_a/export)
+    # class-conditional exports (data.num_classes > 0): none = the conditional logits; cfg =
+    # classifier-free guidance l_u + cfg_scale * (l_c - l_u) (Algorithm 4); classifier = latent
+    # classifier guidance (Algorithm 5)
+    guidance: str = _f("none", choices=("none", "cfg", "classifier"))
+    cfg_scale: float = _f(1.0, ge=0)
+    label: int = _f(-1, ge=-1)  # -1: balanced classes (sample i gets i % num_classes); k >= 0: class k
     ray_workers: Optional[int] = _f(None, gt=0)  # run as this many Ray-actor ranks (default under a Ray job: ray.num_workers)
     classifier: ClassifierGuidanceConfig = _f(factory=ClassifierGuidanceConfig)
 
@@ -580,8 +595,21 @@ def _cross_checks(cfg: Config, where: str) -> None:
                           f"(binary_image and dna read their labels from their corpus)")
     if d.label_field is not None and d.label_field == d.text_field:
         raise ConfigError(f"{where}: 'data.label_field' and 'data.text_field' are both {d.text_field!r}")
+    _conditioning_checks(cfg, where)
     bad = [s for s in cfg.pipeline.stages if s not in PIPELINE_STAGES]
     if bad:
         raise ConfigError(f"{where}: 'pipeline.stages' has unknown stage {bad[0]!r} (stages: {list(PIPELINE_STAGES)})")
     if not isinstance(cfg.data.corpus, (str, list)) or (isinstance(cfg.data.corpus, list) and not all(isinstance(c, str) for c in cfg.data.corpus)):
         raise ConfigError(f"{where}: 'data.corpus' must be a path, a glob or a list of them")
+
+
+def _conditioning_checks(cfg: Config, where: str) -> None:
+    n, s = cfg.data.num_classes, cfg.sample
+    if n and cfg.stage_a.flow.kind != "realnvp":
+        raise ConfigError(f"{where}: 'data.num_classes' = {n} needs 'stage_a.flow.kind: realnvp' (the class-conditional "
+                          f"flow is built for RealNVP couplings; TarFlow is unconditional only)")
+    if not n and (s.guidance != "none" or s.label >= 0):
+        what = f"'sample.guidance' = {s.guidance!r}" if s.guidance != "none" else f"'sample.label' = {s.label}"
+        raise ConfigError(f"{where}: {what} needs a class-conditional run ('data.num_classes' > 0, got 0)")
+    if n and s.label >= n:
+        raise ConfigError(f"{where}: 'sample.label' = {s.label} must be < 'data.num_classes' ({n}) (or -1: balanced)")

@@ -30,8 +30,9 @@ def gather_vocab(x: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts, -1)
 
 
-def check_tp(tp: int, kind: str) -> dict:
-    """TP = tp vs TP = 1 from the same initial weights: logits, loss, every gradient."""
+def check_tp(tp: int, kind: str, num_classes: int = 0) -> dict:
+    """TP = tp vs TP = 1 from the same initial weights: logits, loss, every gradient (with
+    ``num_classes`` > 0 a class-conditional generator fed labels, one of them the null class)."""
     import copy
 
     from coupling_dist.config import GeneratorConfig
@@ -45,7 +46,7 @@ def check_tp(tp: int, kind: str) -> dict:
     gcfg = GeneratorConfig(kind=kind, width=32, depth=2, heads=4, ffn=64, act="swiglu" if kind == "onestep" else "gelu",
                            norm="rmsnorm" if kind == "onestep" else "layernorm", attention="sdpa")
     torch.manual_seed(1234)
-    ref = Generator(gcfg, d, T, V, mask_token_id=V - 1 if kind == "masked" else None)
+    ref = Generator(gcfg, d, T, V, mask_token_id=V - 1 if kind == "masked" else None, num_classes=num_classes)
     model = apply_tensor_parallel(copy.deepcopy(ref), group)
     g = torch.Generator().manual_seed(7)  # same batch on every rank (a TP group sees one batch)
     z = torch.randn(3, T, d, generator=g)
@@ -55,17 +56,18 @@ def check_tp(tp: int, kind: str) -> dict:
     th = torch.randn(3, T, 12, generator=g)
     wt_full = torch.randn(V, 12, generator=g)
     x_t = torch.where(torch.rand(3, T, generator=g) < 0.5, torch.full_like(tok, V - 1), tok) if kind == "masked" else None
+    labels = torch.tensor([2, -1, 0]) if num_classes else None
 
     def run(m, shard: bool):
         m.zero_grad()
-        h = m.hidden(z, x_t)
+        h = m.hidden(z, x_t, labels)
         w, start, _ = head_shard(m)
         wt = wt_full[start:start + w.shape[0]]
         loss, ce, kd = sequence_loss(h, tok, mask, w, teacher_hidden=th, teacher_weight=wt, kd_mask=mask,
                                      label_smoothing=0.1, vocab_start=start, vocab_size=V,
                                      tp_group=group if shard else None, chunk_rows=4, chunk_vocab=20)
         loss.backward()
-        logits = m(z, x_t).detach()
+        logits = m(z, x_t, labels).detach()
         return logits, loss.detach(), ce, kd
 
     l1, loss1, ce1, kd1 = run(ref, False)
@@ -146,6 +148,7 @@ def main() -> int:
     torch.set_default_dtype(torch.float32)
     if what == "tp":
         res = {kind: check_tp(tp, kind) for kind in ("onestep", "masked")}
+        res["masked_conditional"] = check_tp(tp, "masked", num_classes=3)
         res["rng"] = check_rng_tracker()
     elif what == "kd":
         res = check_kd(tp)

@@ -22,8 +22,10 @@ def tp2(tmp_path_factory):
     return res
 
 
-@pytest.mark.parametrize("kind", ["onestep", "masked"])
+@pytest.mark.parametrize("kind", ["onestep", "masked", "masked_conditional"])
 def test_tp2_matches_tp1(tp2, kind):
+    """masked_conditional: a class-conditional denoiser fed labels (its replicated class embedding
+    gets the same gradient on both TP ranks)."""
     for r, res in enumerate(tp2):
         c = res[kind]
         # the layers really are sharded megatron-core layers

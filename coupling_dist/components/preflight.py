@@ -126,3 +126,12 @@ def check_export(path: str, what: str, fix: str, weights: str = "model.safetenso
     why = safetensors_problem(wpath)
     if why:
         raise InputError(f"{what} damaged: {wpath} is {why}; {fix}")
+
+
+def require_labels(fields: dict, manifest: str, num_classes: int) -> None:
+    """A class-conditional run (``data.num_classes`` > 0) reads every sample's class from the shard
+    field ``label``: the shard set at ``manifest`` must hold it."""
+    if num_classes and "label" not in (fields or {}):
+        raise PreflightError(f"data.num_classes = {num_classes} makes the run class-conditional, but {manifest} has no "
+                             f"'label' field (fields {sorted(fields or {})}); use a labelled domain/corpus "
+                             f"(binary_image, dna, a text label column) or set data.num_classes=0")

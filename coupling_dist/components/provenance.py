@@ -48,12 +48,12 @@ _TRAIN_HOW = ("ckpt_interval", "keep_last", "eval_interval", "eval_batches", "re
               "activation_checkpointing", "offload_optimizer", "zero_stage")
 CONFIG_KEYS = {
     "preprocess": (("data.", "encoder.", "stage_a.online_encoder"),
-                   ("data.corpus", "data.out_dir", "data.verify_existing", "data.vocab", "encoder.batch_size",
-                    "encoder.device")),
-    "stage_a": (("run.seed", "data.vocab", "stage_a."), ("stage_a.ray_workers",)
+                   ("data.corpus", "data.out_dir", "data.verify_existing", "data.vocab", "data.num_classes",
+                    "encoder.batch_size", "encoder.device")),
+    "stage_a": (("run.seed", "data.vocab", "data.num_classes", "stage_a."), ("stage_a.ray_workers",)
                 + tuple(f"stage_a.train.{k}" for k in _TRAIN_HOW)),
     "pair_store": (("run.seed", "pair_store."), ("pair_store.artifact", "pair_store.ray_workers", "pair_store.device")),
-    "stage_b": (("run.seed", "data.vocab", "stage_b."), ("stage_b.ray_workers", "stage_b.tp", "stage_b.model.attention",
+    "stage_b": (("run.seed", "data.vocab", "data.num_classes", "stage_b."), ("stage_b.ray_workers", "stage_b.tp", "stage_b.model.attention",
                                                         "stage_b.kd.chunk_positions", "stage_b.kd.chunk_vocab")
                 + tuple(f"stage_b.train.{k}" for k in _TRAIN_HOW)),
     "finetune": (("run.seed", "finetune."), ("finetune.export", "finetune.reward", "finetune.ray_workers", "finetune.tp")

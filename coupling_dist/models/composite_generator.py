@@ -19,6 +19,10 @@ dict initialises them directly. The head is bias-free (the loss and the samplers
 fed by a constant 1 appended to the hidden state, so ``hidden() @ head.weight.T`` equals Stage A's
 logits exactly. Head rows beyond Stage A's vocabulary (Stage B pads its head to a multiple of 1024
 or to the teacher's vocabulary) start at a large negative logit.
+
+Class conditioning (``num_classes`` > 0): the Stage A flow is class-conditional, so the composite
+is G(z, y) = D(NF^-1(z; y)) with the flow's class embeddings (null class for labels None / -1:
+the unconditional flow Stage A's conditioning dropout trained), warm-started like the rest.
 """
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ def stage_a_config(arch: dict):
 class CompositeGenerator(nn.Module):
     kind = "composite"
 
-    def __init__(self, arch: dict, latent_dim: int, seq_len: int, vocab_size: int):
+    def __init__(self, arch: dict, latent_dim: int, seq_len: int, vocab_size: int, num_classes: int = 0):
         super().__init__()
         self.arch = {"kind": "composite", "stage_a": dict(arch["stage_a"])}
         cfg = stage_a_config(self.arch)
@@ -57,7 +61,8 @@ class CompositeGenerator(nn.Module):
         self.latent_dim, self.seq_len, self.vocab_size = int(latent_dim), int(seq_len), int(vocab_size)
         self.patch = int(cfg.patch)  # tokens per latent position (Stage A's stage_a.patch)
         dc = cfg.decoder
-        self.flow = build_flow(self.latent_dim, cfg.flow)
+        self.num_classes = int(num_classes)
+        self.flow = build_flow(self.latent_dim, cfg.flow, self.num_classes)
         self.dec_in = nn.Linear(self.latent_dim, dc.width)
         self.decoder = Transformer(dc.width, dc.depth, dc.heads, dc.ffn)
         self.unpatch = nn.Linear(dc.width, self.patch * dc.width) if self.patch > 1 else None
@@ -81,16 +86,19 @@ class CompositeGenerator(nn.Module):
         self.head.weight[: w.shape[0], :-1] = w.to(self.head.weight)
         self.head.weight[: w.shape[0], -1] = b.to(self.head.weight)
 
-    def hidden(self, z: torch.Tensor, x_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def hidden(self, z: torch.Tensor, x_t: Optional[torch.Tensor] = None,
+               labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """z [B, T / patch, d] -> [B, T, width + 1] (the decoder's hidden state and a constant 1)."""
         check_latents(z, self.seq_len // self.patch, self.latent_dim)
         z = z.to(self.dec_in.weight.dtype)
         everywhere = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
-        h = decoder_states(self.dec_in, self.decoder, self.flow.inverse(z, everywhere), everywhere, self.unpatch)
+        u = self.flow.inverse(z, everywhere, labels=labels)  # an unconditional flow refuses labels
+        h = decoder_states(self.dec_in, self.decoder, u, everywhere, self.unpatch)
         return torch.cat([h, torch.ones_like(h[..., :1])], dim=-1)
 
-    def forward(self, z: torch.Tensor, x_t: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.head(self.hidden(z))
+    def forward(self, z: torch.Tensor, x_t: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.head(self.hidden(z, labels=labels))
 
     def flops_per_sample(self, seq_len: Optional[int] = None) -> float:
         T = seq_len or self.seq_len

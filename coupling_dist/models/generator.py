@@ -10,8 +10,15 @@ Layout: z [B, T, d] -> ``in_proj`` (d -> width) + learned ``pos_emb`` [T, width]
 included) -> ``head`` (width -> V, no bias). ``hidden()`` stops before the head so the loss can
 apply the head in chunks without materialising [B, T, V] (``losses.kd_loss``).
 
+Class conditioning (``num_classes`` > 0, ``data.num_classes``): ``cls_emb`` (num_classes + 1 rows,
+the last the null class; ``models/conditioning.py``) of the label is added to the trunk input at
+every position, G(z, y). Every generator kind is called ``model(z, x_t=None, labels=None)``:
+``labels`` None -> every row unconditional, an entry -1 -> that row unconditional. ``cls_emb`` is
+not a TP-swapped name: replicated under tensor parallelism.
+
 Export (``export_generator``): ``model.safetensors`` + ``config.json`` (architecture + meta:
-tokenizer reference, latent_dim, seq_len, vocab_size, kind, mask_token_id, eos_id, pad_id),
+tokenizer reference, latent_dim, seq_len, vocab_size, kind, mask_token_id, eos_id, pad_id,
+num_classes -- absent in older exports: 0 -- and cond_dropout),
 written into a temp dir and renamed. ``load_generator`` needs only torch + safetensors: it must
 never import DeepSpeed or megatron-core (sampling runs on machines without them).
 """
@@ -26,6 +33,7 @@ import torch
 from torch import nn
 
 from ..components.atomic import write_dir
+from .conditioning import ClassEmbedding, class_rows
 from .layers import Transformer, transformer_flops_per_token, unpatch_states
 
 FORMAT_VERSION = 1
@@ -55,7 +63,7 @@ def check_latents(z: torch.Tensor, seq_len: int, latent_dim: int) -> None:
 
 class Generator(nn.Module):
     def __init__(self, cfg: Any, latent_dim: int, seq_len: int, vocab_size: int,
-                 mask_token_id: Optional[int] = None, patch: int = 1):
+                 mask_token_id: Optional[int] = None, patch: int = 1, num_classes: int = 0):
         super().__init__()
         a = _arch(cfg)
         self.arch = a
@@ -81,12 +89,22 @@ class Generator(nn.Module):
         self.unpatch = nn.Linear(self.width, self.patch * self.width) if self.patch > 1 else None
         self.head = nn.Linear(self.width, self.vocab_size, bias=False)
         nn.init.normal_(self.head.weight, std=self.width ** -0.5)
+        # created last, so an unconditional generator draws exactly the weights it always did;
+        # the scale of in_proj(z) for unit-variance z
+        self.num_classes = int(num_classes)
+        self.cls_emb = ClassEmbedding(self.num_classes, self.width, std=0.5) if self.num_classes else None
 
-    def hidden(self, z: torch.Tensor, x_t: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """z [B, T, d] (x_t [B, T] long for the masked kind) -> final-normed hidden [B, T, width]."""
+    def hidden(self, z: torch.Tensor, x_t: Optional[torch.Tensor] = None,
+               labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """z [B, T, d] (x_t [B, T] long for the masked kind; labels [B] for a class-conditional
+        generator, None / -1 = unconditional) -> final-normed hidden [B, T, width]."""
         check_latents(z, self.seq_len // self.patch, self.latent_dim)
         T = z.shape[1]
         x = self.in_proj(z.to(self.in_proj.weight.dtype)) + self.pos_emb[:T]
+        if self.cls_emb is not None:  # the class at every position (the null row for None / -1)
+            x = x + self.cls_emb(labels, z.shape[0])[:, None].to(x.dtype)
+        elif labels is not None:
+            class_rows(labels, 0, z.shape[0], z.device)  # raises: an unconditional model takes no labels
         if self.tok_emb is not None:
             if x_t is None:  # sampling's first step / one-step decoding: everything masked
                 x_t = torch.full(z.shape[:2], self.mask_token_id, dtype=torch.long, device=z.device)
@@ -94,9 +112,10 @@ class Generator(nn.Module):
         h = self.trunk(x)
         return h if self.unpatch is None else unpatch_states(self.unpatch, h)
 
-    def forward(self, z: torch.Tensor, x_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, x_t: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits [B, T, V] (this rank's vocabulary shard under tensor parallelism)."""
-        return self.head(self.hidden(z, x_t))
+        return self.head(self.hidden(z, x_t, labels))
 
     def flops_per_sample(self, seq_len: Optional[int] = None) -> float:
         """Training FLOPs (forward + backward = 3x forward matmuls) of one sample."""
@@ -113,18 +132,18 @@ class Generator(nn.Module):
 
 
 def build_generator(arch: Any, latent_dim: int, seq_len: int, vocab_size: int,
-                    mask_token_id: Optional[int] = None, patch: int = 1) -> nn.Module:
+                    mask_token_id: Optional[int] = None, patch: int = 1, num_classes: int = 0) -> nn.Module:
     """The generator an arch dict (or GeneratorConfig) describes: ``Generator`` or the composite
-    (whose patch is its Stage A config's; ``patch`` must agree)."""
+    (whose patch is its Stage A config's; ``patch`` must agree); ``num_classes`` > 0: G(z, y)."""
     a = _arch(arch)
     if a["kind"] == "composite":
         from .composite_generator import CompositeGenerator
 
-        g = CompositeGenerator(a, latent_dim, seq_len, vocab_size)
+        g = CompositeGenerator(a, latent_dim, seq_len, vocab_size, num_classes)
         if g.patch != int(patch):
             raise ValueError(f"patch {patch} differs from the composite's Stage A stage_a.patch {g.patch}")
         return g
-    return Generator(a, latent_dim, seq_len, vocab_size, mask_token_id, patch)
+    return Generator(a, latent_dim, seq_len, vocab_size, mask_token_id, patch, num_classes)
 
 
 # --------------------------------------------------------------------------- export / load
@@ -143,13 +162,14 @@ def export_generator(model_or_state, cfg: Any, meta: dict, out_dir: str) -> str:
     for key in ("latent_dim", "seq_len", "vocab_size"):
         if key not in meta:
             raise ValueError(f"export_generator: meta lacks '{key}'")
-    full_meta = {"kind": arch["kind"], "mask_token_id": None, "eos_id": None, "pad_id": None, "tokenizer": None}
+    full_meta = {"kind": arch["kind"], "mask_token_id": None, "eos_id": None, "pad_id": None, "tokenizer": None,
+                 "num_classes": 0, "cond_dropout": 0.0}
     full_meta.update(meta)
     full_meta["kind"] = arch["kind"]
     conf = {"format": "coupling_dist.generator", "version": FORMAT_VERSION, "arch": arch, "meta": full_meta}
     # Validate before writing: the weights must load into the architecture they claim.
     probe = build_generator(arch, full_meta["latent_dim"], full_meta["seq_len"], full_meta["vocab_size"],
-                            full_meta.get("mask_token_id"), full_meta.get("patch", 1))
+                            full_meta.get("mask_token_id"), full_meta.get("patch", 1), int(full_meta["num_classes"]))
     probe.load_state_dict(sd, strict=True)
 
     def write(tmp):
@@ -179,8 +199,9 @@ def load_generator(export_dir: str, device="cpu") -> tuple[nn.Module, dict]:
 
     conf = read_export_config(export_dir)
     meta = dict(conf["meta"])
+    meta.setdefault("num_classes", 0)  # exports from before class conditioning: unconditional
     model = build_generator(conf["arch"], meta["latent_dim"], meta["seq_len"], meta["vocab_size"], meta.get("mask_token_id"),
-                            meta.get("patch", 1))
+                            meta.get("patch", 1), int(meta["num_classes"]))
     wpath = os.path.join(export_dir, "model.safetensors")
     if not os.path.isfile(wpath):
         raise FileNotFoundError(f"generator export '{export_dir}' lacks model.safetensors")

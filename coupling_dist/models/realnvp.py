@@ -14,6 +14,13 @@ for any mask.
 
 Log-scales are bounded by ``bound * tanh(raw / bound)`` so a single layer can never blow up; the
 last linear layer of every conditioner is zero-initialised so the flow starts as the identity.
+Class conditioning (``num_classes`` > 0, ``data.num_classes``): every coupling's conditioner adds
+its own class embedding (``models/conditioning.py``: num_classes + 1 rows, the last the null class)
+to its hidden input at every position, so the flow is NF(u; y); the null class gives an
+unconditional flow trained by conditioning dropout (``stage_a.cond_dropout``). The conditioners'
+zero-initialised outputs keep the flow the identity at init for every class. TarFlow stays
+unconditional (``config.py`` refuses ``stage_a.flow.kind: tarflow`` with classes).
+
 Conditioners use LayerNorm (not the shared RMSNorm, which computes in float32 whatever the input
 dtype): in float64 the whole flow is then float64 end to end, which the exact log-det and
 inverse checks need.
@@ -26,6 +33,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .conditioning import ClassEmbedding, class_rows
 from .layers import Transformer, transformer_flops_per_token
 
 
@@ -53,29 +61,37 @@ class Conditioner(nn.Module):
     """[B, T, n_in] -> [B, T, n_out] through in-proj + positions + transformer + zero-init out-proj."""
 
     def __init__(self, n_in: int, n_out: int, hidden: int, depth: int, heads: int, ffn: int,
-                 norm: str = "layernorm", act: str = "swiglu"):
+                 norm: str = "layernorm", act: str = "swiglu", num_classes: int = 0):
         super().__init__()
         self.inp = nn.Linear(n_in, hidden)
         self.body = Transformer(hidden, depth, heads, ffn, norm=norm, act=act)
         self.out = nn.Linear(hidden, n_out)
         nn.init.zeros_(self.out.weight)  # identity flow at init
         nn.init.zeros_(self.out.bias)
+        # created last: an unconditional conditioner draws exactly the initial weights it always did;
+        # unit scale like the sinusoidal positions it is added to
+        self.cls = ClassEmbedding(num_classes, hidden, std=1.0) if num_classes else None
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, causal: bool = False,
+                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``rows``: class-embedding rows [B] (``conditioning.class_rows``), conditional flows only."""
         h = self.inp(x) + sinusoidal_positions(x.shape[1], self.inp.out_features, x.device, x.dtype)
+        if self.cls is not None:
+            h = h + self.cls.table(rows)[:, None].to(h.dtype)
         return self.out(self.body(h, safe_key_mask(mask), causal))
 
 
 class AffineCoupling(nn.Module):
     """One channel-split affine coupling; ``parity`` picks which half is kept."""
 
-    def __init__(self, dim: int, parity: int, hidden: int, depth: int, heads: int, ffn: int, bound: float):
+    def __init__(self, dim: int, parity: int, hidden: int, depth: int, heads: int, ffn: int, bound: float,
+                 num_classes: int = 0):
         super().__init__()
         self.dim, self.parity, self.bound = dim, parity, bound
         self.split = dim // 2
         n_keep = self.split if parity == 0 else dim - self.split
         self.n_change = dim - n_keep
-        self.cond = Conditioner(n_keep, 2 * self.n_change, hidden, depth, heads, ffn)
+        self.cond = Conditioner(n_keep, 2 * self.n_change, hidden, depth, heads, ffn, num_classes=num_classes)
 
     def _halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = x[..., :self.split], x[..., self.split:]
@@ -84,22 +100,22 @@ class AffineCoupling(nn.Module):
     def _join(self, keep: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
         return torch.cat([keep, change] if self.parity == 0 else [change, keep], dim=-1)
 
-    def _params(self, keep: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _params(self, keep: torch.Tensor, m: torch.Tensor, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
         keep = torch.where(m[..., None], keep, torch.zeros((), dtype=keep.dtype, device=keep.device))
-        raw = self.cond(keep, m)
+        raw = self.cond(keep, m, rows=rows)
         shift, logs = raw[..., :self.n_change], raw[..., self.n_change:]
         logs = self.bound * torch.tanh(logs / self.bound)
         zero = torch.zeros((), dtype=raw.dtype, device=raw.device)
         return torch.where(m[..., None], shift, zero), torch.where(m[..., None], logs, zero)
 
-    def forward(self, x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, m: torch.Tensor, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
         keep, change = self._halves(x)
-        shift, logs = self._params(keep, m)
+        shift, logs = self._params(keep, m, rows)
         return self._join(keep, change * torch.exp(logs) + shift), logs.sum(dim=(1, 2))
 
-    def inverse(self, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    def inverse(self, y: torch.Tensor, m: torch.Tensor, rows=None) -> torch.Tensor:
         keep, change = self._halves(y)
-        shift, logs = self._params(keep, m)
+        shift, logs = self._params(keep, m, rows)
         return self._join(keep, (change - shift) * torch.exp(-logs))
 
 
@@ -109,6 +125,7 @@ class FlowStack(nn.Module):
     Shared by RealNVP and TarFlow, which differ only in their layers."""
 
     layers: nn.ModuleList
+    num_classes = 0  # > 0: a class-conditional flow (RealNVP only); its layers take embedding rows
 
     @staticmethod
     def _mask(u: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -116,18 +133,31 @@ class FlowStack(nn.Module):
             return torch.ones(u.shape[:2], dtype=torch.bool, device=u.device)
         return mask.bool()
 
-    def forward(self, u: torch.Tensor, mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rows(self, labels: Optional[torch.Tensor], x: torch.Tensor) -> dict:
+        """The layers' extra arguments: {} for an unconditional flow (which refuses labels), else the
+        class-embedding rows of ``labels`` (None / -1: the null class)."""
+        if not self.num_classes:
+            if labels is not None:
+                class_rows(labels, 0, x.shape[0], x.device)  # raises, naming data.num_classes
+            return {}
+        return {"rows": class_rows(labels, self.num_classes, x.shape[0], x.device)}
+
+    def forward(self, u: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         m = self._mask(u, mask)
+        kw = self._rows(labels, u)
         logdet = u.new_zeros(u.shape[0])
         for layer in self.layers:
-            u, ld = layer(u, m)
+            u, ld = layer(u, m, **kw)
             logdet = logdet + ld
         return u, logdet
 
-    def inverse(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def inverse(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         m = self._mask(z, mask)
+        kw = self._rows(labels, z)
         for layer in reversed(self.layers):
-            z = layer.inverse(z, m)
+            z = layer.inverse(z, m, **kw)
         return z
 
 
@@ -138,14 +168,15 @@ class RealNVP(FlowStack):
     """
 
     def __init__(self, dim: int, layers: int = 4, hidden: int = 64, depth: int = 1, heads: int = 4,
-                 ffn: Optional[int] = None, scale_bound: float = 2.0):
+                 ffn: Optional[int] = None, scale_bound: float = 2.0, num_classes: int = 0):
         super().__init__()
         if dim < 2:
             raise ValueError(f"RealNVP needs latent dim >= 2 for channel-split couplings (got {dim})")
         self.dim, self.hidden, self.depth = dim, hidden, depth
         self.ffn = ffn or 2 * hidden
-        self.layers = nn.ModuleList(AffineCoupling(dim, i % 2, hidden, depth, heads, self.ffn, scale_bound)
-                                    for i in range(layers))
+        self.num_classes = int(num_classes)
+        self.layers = nn.ModuleList(AffineCoupling(dim, i % 2, hidden, depth, heads, self.ffn, scale_bound,
+                                                   self.num_classes) for i in range(layers))
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward matmul FLOPs per position."""

@@ -83,18 +83,27 @@ def patch_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.reshape(B, T // k, k * C)
 
 
-def build_flow(dim: int, fc) -> nn.Module:
+def build_flow(dim: int, fc, num_classes: int = 0) -> nn.Module:
     cls = {"realnvp": RealNVP, "tarflow": TarFlow}.get(fc.kind)
     if cls is None:
         raise ValueError(f"stage_a.flow.kind '{fc.kind}' is not one of realnvp|tarflow")
+    kw = {}
+    if num_classes:
+        if cls is not RealNVP:
+            raise ValueError(f"a class-conditional flow (data.num_classes = {num_classes}) needs stage_a.flow.kind "
+                             f"realnvp, not {fc.kind!r}")
+        kw["num_classes"] = int(num_classes)
     return cls(dim, layers=fc.layers, hidden=fc.hidden, depth=fc.depth, heads=fc.heads,
-               ffn=getattr(fc, "ffn", None), scale_bound=fc.scale_bound)
+               ffn=getattr(fc, "ffn", None), scale_bound=fc.scale_bound, **kw)
 
 
 class StageAModel(nn.Module):
-    def __init__(self, feature_dim: int, vocab_size: int, cfg: StageAConfig):
+    def __init__(self, feature_dim: int, vocab_size: int, cfg: StageAConfig, num_classes: int = 0):
         super().__init__()
         self.cfg = cfg
+        # > 0 (data.num_classes): the flow is class-conditional, NF(u; y) (models/realnvp.py); the
+        # encoder and decoder are not: the class enters the coupling where the paper's code puts it
+        self.num_classes = int(num_classes)
         self.feature_dim, self.vocab_size, self.latent_dim = feature_dim, vocab_size, cfg.latent_dim
         self.register_buffer("feat_mean", torch.zeros(feature_dim))
         self.register_buffer("feat_std", torch.ones(feature_dim))
@@ -118,7 +127,7 @@ class StageAModel(nn.Module):
             else:
                 self.logvar = nn.Embedding(vocab_size, d)
                 nn.init.constant_(self.logvar.weight, 2 * math.log(cfg.noise_scale))
-        self.flow = build_flow(d, cfg.flow)
+        self.flow = build_flow(d, cfg.flow, self.num_classes)
         dc = cfg.decoder
         self.dec_in = nn.Linear(d, dc.width)
         self.decoder = Transformer(dc.width, dc.depth, dc.heads, dc.ffn)
@@ -204,11 +213,14 @@ class StageAModel(nn.Module):
         real = mean + torch.exp(0.5 * logvar) * eps
         return torch.where(self.scored(mask, mean)[..., None], real, eps.to(real.dtype))
 
-    def to_gaussian(self, u: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.flow(u, self.scored(mask, u))[0]
+    def to_gaussian(self, u: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                    labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """z = NF(u; labels) (labels None / -1: the null class of a conditional flow)."""
+        return self.flow(u, self.scored(mask, u), **_labels_kw(labels))[0]
 
-    def from_gaussian(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.flow.inverse(z, self.scored(mask, z))
+    def from_gaussian(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                      labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.flow.inverse(z, self.scored(mask, z), **_labels_kw(labels))
 
     def decoder_hidden(self, u: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return decoder_states(self.dec_in, self.decoder, u, self.scored(mask, u), self.unpatch)
@@ -250,7 +262,8 @@ class StageAModel(nn.Module):
         return ce, correct
 
     def loss(self, source: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, step: int = 0,
-             eps: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+             eps: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+        """``labels`` [B] (conditional flows; -1 = the null class, what conditioning dropout feeds)."""
         mean, logvar = self.posterior(source)
         m = self.scored(mask, mean)  # latent positions (= token positions at patch 1)
         mf = m[..., None].to(self.dtype)
@@ -265,7 +278,7 @@ class StageAModel(nn.Module):
         # KL(N(mean, var) || N(0, 1)) per element, closed form.
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
         kl = (kl * mf).sum() / n_tok  # Eq. 1's sums, per position (module docstring)
-        z, logdet = self.flow(u, m)
+        z, logdet = self.flow(u, m, **_labels_kw(labels))
         nll = ((0.5 * z.pow(2) + 0.5 * LOG_2PI) * mf).sum() - logdet.sum()
         nll = nll / n_tok
         ce_sum, correct = self.reconstruction(u, tokens, mask)  # over the scored tokens
@@ -298,6 +311,11 @@ class StageAModel(nn.Module):
         return 3.0 * seq_len * per_tok
 
 
+def _labels_kw(labels: Optional[torch.Tensor]) -> dict:
+    """No ``labels`` argument at all for None: a TarFlow (unconditional only) takes none."""
+    return {} if labels is None else {"labels": labels}
+
+
 def source_of_samples(model: StageAModel, samples: list[dict], vocab=None, device="cpu", features=None) -> torch.Tensor:
     """The encoder input of shard samples: their stored features, or those ``features`` (the online
     frozen encoder: token ids -> features) computes from their tokens, or for the token-embedding
@@ -319,6 +337,9 @@ class PriorDecoder(nn.Module):
     def __init__(self, stage_a: "StageAModel"):
         super().__init__()
         self.stage_a = stage_a
+        self.num_classes = stage_a.num_classes
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.stage_a.decode(self.stage_a.from_gaussian(z))
+    def forward(self, z: torch.Tensor, x_t: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The generator call signature (``x_t`` unused): D(NF^-1(z; labels))."""
+        return self.stage_a.decode(self.stage_a.from_gaussian(z, labels=labels))

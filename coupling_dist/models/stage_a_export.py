@@ -2,7 +2,8 @@
 
 ``config.json`` holds everything needed to rebuild the model and to check that it fits a shard
 set: the StageAConfig, feature_dim, vocab_size, seq_len, the encoder and tokenizer identities, and
-the feature normalisation statistics (also present as buffers in the weights). The directory is
+the feature normalisation statistics (also present as buffers in the weights), and ``num_classes``
+(> 0: the flow is class-conditional; absent in older exports: 0). The directory is
 written to a temp sibling and renamed into place, so a reader never sees a half-written artifact.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ def export_stage_a(model: StageAModel, out_dir: str, meta: Optional[dict] = None
     cfg = dataclasses.asdict(model.cfg)
     config = dict(meta or {})
     config.update(format=FORMAT, stage_a=cfg, feature_dim=model.feature_dim, vocab_size=model.vocab_size,
-                  latent_dim=model.latent_dim,
+                  latent_dim=model.latent_dim, num_classes=model.num_classes,
                   feature_stats={"mean": tensors["feat_mean"].tolist(), "std": tensors["feat_std"].tolist(),
                                  "set": bool(tensors["feat_stats_set"].item())})
 
@@ -74,7 +75,8 @@ def load_stage_a(art_dir: str, device="cpu") -> tuple[StageAModel, dict]:
     if not os.path.isfile(wpath):
         raise FileNotFoundError(f"Stage A artifact incomplete: {wpath} is missing")
     cfg = section_from_dict(StageAConfig, meta["stage_a"], "stage_a", os.path.join(art_dir, CONFIG))
-    model = StageAModel(int(meta["feature_dim"]), int(meta["vocab_size"]), cfg)
+    # exports from before class conditioning carry no num_classes: unconditional
+    model = StageAModel(int(meta["feature_dim"]), int(meta["vocab_size"]), cfg, int(meta.get("num_classes", 0)))
     state = load_file(wpath, device="cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -9,7 +9,9 @@ and turns them into JSON-ready records::
 
 ``ids`` are the generator token ids before the first end-of-sequence token and ``text`` is their
 decoding with the data tokenizer; ``eos`` says whether an EOS was generated at all; ``all_ids``
-are all T generated ids (what the paper's evaluation protocol decodes and counts).
+are all T generated ids (what the paper's evaluation protocol decodes and counts). Records of a
+class-conditional export (meta ``num_classes`` > 0) also carry ``"label"``: the sample's class
+(``onestep.sample_labels``).
 
 Both kinds of export may carry a compact vocabulary (``data.vocab: corpus``): the sampler
 (``p2_self.sample_any``) maps the head's rows back to tokenizer ids, so records never see them.
@@ -26,7 +28,7 @@ from typing import Sequence
 import torch
 
 from ..components.logging import progress
-from .onestep import SampleSettings
+from .onestep import SampleSettings, sample_labels
 from .p2_self import sample_any
 
 
@@ -42,7 +44,8 @@ def load_stage_a_sampler(path: str, device="cpu"):
         raise ValueError(f"Stage A export '{path}': config.json names no tokenizer eos_id")
     meta = {"kind": "stage_a", "seq_len": int(art["seq_len"]), "latent_dim": int(art["latent_dim"]),
             "vocab_size": int(art["vocab_size"]), "eos_id": None if eos is None else int(eos),
-            "pad_id": tok.get("pad_id", eos), "tokenizer": tok, "vocab": art.get("vocab")}  # compact ids: sample_any maps back
+            "pad_id": tok.get("pad_id", eos), "tokenizer": tok, "vocab": art.get("vocab"),  # compact ids: sample_any maps back
+            "num_classes": stage_a.num_classes}
     if stage_a.patch > 1:
         meta["patch"] = stage_a.patch
     return PriorDecoder(stage_a).eval(), meta
@@ -80,7 +83,8 @@ def settings_from_cfg(cfg, **over) -> SampleSettings:
     s = cfg.sample
     temperature = s.step_temperatures if (s.step_temperatures and s.steps > 1) else s.temperature
     kw = dict(temperature=temperature, top_p=s.top_p, latent_scale=s.latent_scale, steps=s.steps, eta=s.eta,
-              kappa=s.kappa, proposal_top_p=s.proposal_top_p, seed=s.seed)
+              kappa=s.kappa, proposal_top_p=s.proposal_top_p, seed=s.seed, guidance=s.guidance,
+              cfg_scale=s.cfg_scale, label=s.label)
     kw.update(over)
     return SampleSettings(**kw)
 
@@ -111,6 +115,10 @@ def generate_records(model, meta: dict, tok, indices: Sequence[int], settings: S
                      vocab_limit=len(tok), progress=(bar.update if bar is not None else None))
     if bar is not None:
         bar.close()
-    if hasattr(tok, "to_records"):
-        return tok.to_records(ids, indices, settings)
-    return to_records(ids, indices, tok, int(meta["eos_id"]), settings)
+    recs = (tok.to_records(ids, indices, settings) if hasattr(tok, "to_records")
+            else to_records(ids, indices, tok, int(meta["eos_id"]), settings))
+    labels = sample_labels(list(indices), settings, int(meta.get("num_classes") or 0))
+    if labels is not None:  # the class each sample was drawn for
+        for rec, label in zip(recs, labels.tolist()):
+            rec["label"] = int(label)
+    return recs

@@ -23,6 +23,9 @@ Proposals use no top-p unless asked (``proposal_top_p`` < 1 restricts the argmax
 of softmax(l / tau); Algorithm 3 has none). Randomness: each sample's generator draws z, then one
 [T, V] block of uniforms per step (Gumbel noise -log(-log u)), so a sample is a function of
 (seed, index, settings, weights), whatever the batch size or rank count.
+
+Class-conditional denoisers: ``labels`` [B] condition every step's H(z, x, y), with the same
+guidance as the one-step path (``onestep.guided_logits``: cfg = Algorithm 4 at every step).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .onestep import SampleSettings, banned_ids, sample_batches
+from .onestep import SampleSettings, banned_ids, guided_logits, sample_batches
 from .top_p import apply_temperature, top_p_mask
 
 
@@ -63,10 +66,12 @@ def draw_gumbel(gens: Sequence[torch.Generator], seq_len: int, vocab: int) -> to
 @torch.no_grad()
 def p2_self_batch(model, z: torch.Tensor, gens: Sequence[torch.Generator], mask_id: int, settings: SampleSettings,
                   banned: Optional[torch.Tensor] = None, fixed: Optional[torch.Tensor] = None,
-                  x_init: Optional[torch.Tensor] = None, trace: Optional[list] = None) -> torch.Tensor:
+                  x_init: Optional[torch.Tensor] = None, trace: Optional[list] = None,
+                  labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run P2-self (Algorithm 3) for one batch. z [B, T, d] on the model's device; ``gens`` are the
     samples' generators positioned after the latent draw. ``fixed`` [B, T] bool marks given
-    positions whose tokens come from ``x_init``. If ``trace`` is a list, one dict per step is appended."""
+    positions whose tokens come from ``x_init``. If ``trace`` is a list, one dict per step is appended.
+    ``labels`` [B]: classes of a class-conditional denoiser (guided as ``settings.guidance`` says)."""
     B, T = z.shape[0], z.shape[1]
     dev = z.device
     K = int(settings.steps)
@@ -80,7 +85,7 @@ def p2_self_batch(model, z: torch.Tensor, gens: Sequence[torch.Generator], mask_
     pos = torch.arange(T, device=dev).expand(B, T)
     prop = x
     for i in range(1, K + 1):
-        lg = apply_temperature(model(z, x), taus[i - 1], banned)  # l / tau, banned ids -inf
+        lg = apply_temperature(guided_logits(model, z, labels, settings, x), taus[i - 1], banned)  # l / tau, banned -inf
         if top_p < 1.0:
             keep = top_p_mask(lg.reshape(B * T, -1), top_p, k=settings.top_k_prefilter).reshape(lg.shape)
             lg = lg.masked_fill(~keep, float("-inf"))
@@ -114,7 +119,8 @@ def sample_p2_self(model, meta: dict, indices: Sequence[int], settings: SampleSe
         raise ValueError("P2-self needs a masked denoiser export (meta kind 'masked' with a mask_token_id)")
     banned = banned_ids(meta, vocab_limit, device)
     mask_id = int(meta["mask_token_id"])
-    return sample_batches(lambda z, gens: p2_self_batch(model, z, gens, mask_id, settings, banned, trace=trace),
+    return sample_batches(lambda z, gens, labels: p2_self_batch(model, z, gens, mask_id, settings, banned, trace=trace,
+                                                                labels=labels),
                           model, meta, indices, settings, batch_size, device, progress)
 
 

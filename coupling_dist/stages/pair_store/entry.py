@@ -8,7 +8,8 @@ otherwise (exit status 2). After all ranks finished, rank 0 writes the manifest 
 latent-matching report ``run.dir/pair_store/report.json`` (``report``).
 
 Output: ``run.dir/pair_store/`` is a normal shard set (fields ``z`` [K, T, d] in
-``pair_store.dtype``, ``tokens``, ``mask``; with ``pair_store.teacher_topk`` = k > 0 also the KD
+``pair_store.dtype``, ``tokens``, ``mask``; ``label`` [1] int16 when the Stage A export is
+class-conditional (``num_classes`` > 0: z = NF(u; label) with the true label); with ``pair_store.teacher_topk`` = k > 0 also the KD
 teacher's top-k cache ``teacher_ids`` / ``teacher_logp`` / ``teacher_tail``, ``models.teacher``),
 read by Stage B through the same ShardLoader.
 
@@ -75,6 +76,8 @@ def write_manifest(cfg: Config, ctx: dict) -> dict:
               "mask": {"dtype": "uint8", "shape": [T]}}
     if ctx["teacher_cache"]:
         fields.update(cache_fields(T, ctx["teacher_cache"]["topk"]))
+    if int(meta.get("num_classes", 0)):  # class-conditional Stage A: every pair carries its class
+        fields["label"] = {"dtype": "int16", "shape": [1]}
     extra = {"kind": "pair_store", "stage_a_artifact": {"path": os.path.abspath(ctx["artifact"]),
                                                         "sha256": ctx["artifact_hash"]},
              "source": {"path": os.path.abspath(ctx["data_dir"]), "shard_set_sha256": ctx["source_hash"]},

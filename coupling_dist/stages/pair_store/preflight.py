@@ -12,7 +12,7 @@ from typing import Optional
 
 from ...components import assets
 from ...components.paths import data_dir, pair_store_dir, stage_a_artifact
-from ...components.preflight import PreflightError, check_export, teacher_path
+from ...components.preflight import PreflightError, check_export, require_labels, teacher_path
 from ...config import Config
 from ...data.shard_job import fingerprint
 from ...data.source import (DataMismatchError, check_feature_source, check_online_encoder, describe_encoder,
@@ -96,6 +96,10 @@ def _prepare(cfg: Config) -> dict:
         settings["teacher_cache"] = cache
     if online:  # likewise
         settings["online_features"] = True
+    n_classes = int(meta.get("num_classes", 0))
+    if n_classes:  # likewise: a class-conditional Stage A encodes z = NF(u; y) with the shards' labels
+        require_labels(man.fields, os.path.join(src_dir, "manifest.json"), n_classes)
+        settings["num_classes"] = n_classes
     src_hash = fingerprint([[e["name"], e.get("count"), e.get("sha256")] for e in plan])
     return {"data_dir": src_dir, "artifact": art, "meta": meta, "info": info, "plan": plan,
             "settings": settings, "artifact_hash": artifact_hash(art), "source_hash": src_hash,

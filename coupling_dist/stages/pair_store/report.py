@@ -30,7 +30,7 @@ from ...data.dtypes import from_stored
 from ...data.shards import iter_shards
 from ...data.vocab import CompactVocab
 from ...models.stage_a import source_of_samples
-from .writer import sample_noise
+from .writer import sample_labels, sample_noise
 
 
 def gaussian_fit_kl(x: np.ndarray) -> float:
@@ -242,13 +242,14 @@ def build_report(cfg: Config, ctx: dict, model, features=None) -> dict:
         u = model.encode_latent(source, m, eps)
         correct += int((_predict(model, u, m, vocab) == tok)[m].sum())
         total += int(m.sum())
-        zf = model.to_gaussian(u, m)
-        rt_uzu = max(rt_uzu, float((model.from_gaussian(zf, m) - u).abs().max()))
+        y = sample_labels(model, chunk, dev)  # a class-conditional flow: the stored z = NF(u; y)
+        zf = model.to_gaussian(u, m, y)
+        rt_uzu = max(rt_uzu, float((model.from_gaussian(zf, m, y) - u).abs().max()))
         if all(s["__key__"] in zmap for s in chunk):
             zs = torch.from_numpy(np.stack([zmap[s["__key__"]][0] for s in chunk])).to(dev)
-            us = model.from_gaussian(zs, m)
+            us = model.from_gaussian(zs, m, y)
             correct_z += int((_predict(model, us, m, vocab) == tok)[m].sum())
-            rt_zuz = max(rt_zuz, float((model.to_gaussian(us, m) - zs).abs().max()))
+            rt_zuz = max(rt_zuz, float((model.to_gaussian(us, m, y) - zs).abs().max()))
     report.update({"heldout_split": held_split, "heldout_samples": len(src),
                    "recon_acc_heldout_from_u": correct / max(total, 1),
                    "recon_acc_heldout_from_stored_z": correct_z / max(total, 1) if zmap else None,

@@ -62,8 +62,8 @@ def units(plan: list[dict], artifact_hash: str, settings: dict) -> list[tuple[st
 @torch.no_grad()
 def encode_samples(model, samples: list[dict], *, seed: int, K: int, dtype: str, batch_size: int,
                    device="cpu", teacher_cache: Optional[dict] = None, vocab=None, features=None) -> list[dict]:
-    """Source samples (``__key__``, tokens, mask, features) -> pair samples (``__key__``, z, tokens,
-    mask, and with ``teacher_cache`` = {model, k, temperature} the KD cache fields of
+    """Source samples (``__key__``, tokens, mask, features[, label]) -> pair samples (``__key__``, z,
+    tokens, mask, the ``label`` [1] int16 when Stage A is class-conditional (z = NF(u; label)), and with ``teacher_cache`` = {model, k, temperature} the KD cache fields of
     ``models.teacher.cache_arrays``: the teacher sees the same batches whatever the rank count).
     ``features``: the online frozen encoder (tokens -> features) for token-only source shards."""
     out: list[dict] = []
@@ -74,10 +74,11 @@ def encode_samples(model, samples: list[dict], *, seed: int, K: int, dtype: str,
         mask = torch.from_numpy(np.stack([s["mask"] for s in chunk])).to(device)
         T = model.latent_len(mask.shape[1])  # latent positions (tokens / stage_a.patch)
         eps = torch.stack([sample_noise(seed, s["__key__"], K, T, d) for s in chunk]).to(device)  # [B, K, T, d]
+        labels = sample_labels(model, chunk, device)
         zs = []
         for k in range(K):
             u = model.encode_latent(source, mask, eps[:, k].to(model.dtype))
-            zs.append(model.to_gaussian(u, mask).float())
+            zs.append(model.to_gaussian(u, mask, labels).float())
         z = torch.stack(zs, dim=1)  # [B, K, T, d]
         zn = to_stored(z, dtype)
         cache = [{}] * len(chunk)
@@ -85,9 +86,23 @@ def encode_samples(model, samples: list[dict], *, seed: int, K: int, dtype: str,
             tokens = torch.from_numpy(np.stack([s["tokens"] for s in chunk]).astype(np.int64)).to(device)
             cache = cache_arrays(teacher_cache["model"], tokens, mask, teacher_cache["k"], teacher_cache["temperature"])
         for j, s in enumerate(chunk):
+            label = {"label": np.asarray(s["label"], dtype=np.int16).reshape(1)} if labels is not None else {}
             out.append({"__key__": s["__key__"], "z": zn[j], "tokens": np.asarray(s["tokens"]),
-                        "mask": np.asarray(s["mask"]), **cache[j]})
+                        "mask": np.asarray(s["mask"]), **label, **cache[j]})
     return out
+
+
+def sample_labels(model, samples: list[dict], device) -> Optional[torch.Tensor]:
+    """The true classes [B] of source samples for a class-conditional Stage A (z = NF(u; y)), else
+    None. A sample without a ``label`` field names its key."""
+    if not model.num_classes:
+        return None
+    missing = [s["__key__"] for s in samples if "label" not in s]
+    if missing:
+        raise sh.ShardError("?", missing[0], "the Stage A export is class-conditional (num_classes "
+                            f"{model.num_classes}) but this source sample has no 'label' field")
+    return torch.tensor([int(np.asarray(s["label"]).reshape(-1)[0]) for s in samples], dtype=torch.long,
+                        device=device)
 
 
 def run_rank(*, model, source_dir: str, plan: list[dict], out_dir: str, rank: int, world: int, seed: int,

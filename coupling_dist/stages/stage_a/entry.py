@@ -27,6 +27,7 @@ def train(cfg: Config) -> dict:
     check_disk(cfg, "stage_a", show=D.is_main())  # checkpoints + export fit the disk (every rank checks its own)
     # no stored features: the token embedding, or the frozen encoder run per batch (online)
     fields = (["features"] if task.feature_dim and not task.online else []) + ["tokens", "mask"]
+    fields += ["label"] if task.num_classes else []  # class-conditional: the flow reads each class
     loaders = build_loaders(data_dir(cfg), fields, cfg.stage_a.train.batch_size, cfg,
                             D.rank(), D.world_size())
     summary, _ = train_and_export(cfg, "stage_a", task, loaders, stage_a_export(cfg),

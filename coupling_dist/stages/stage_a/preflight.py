@@ -9,7 +9,7 @@ import os
 
 from ...components import assets
 from ...components.paths import data_dir
-from ...components.preflight import PreflightError, require_file
+from ...components.preflight import PreflightError, require_file, require_labels
 from ...config import Config
 from ...data.shards import Manifest
 from ...data.source import PAD_FEATURES, check_feature_source, check_online_encoder, describe_source
@@ -23,7 +23,9 @@ def preflight(cfg: Config) -> StageATask:
     require_file(manifest, "run `python -m coupling_dist.preprocess` first (or set data.out_dir to an existing "
                            "shard set)")
     try:
-        info = describe_source(Manifest.load(src), src)
+        man = Manifest.load(src)
+        require_labels(man.fields, manifest, cfg.data.num_classes)
+        info = describe_source(man, src)
         check_feature_source(cfg.stage_a.online_encoder, info, src)
         if info["online_features"]:
             check_online_encoder(cfg.encoder, info, src)

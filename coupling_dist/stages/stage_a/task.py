@@ -8,6 +8,11 @@ first training batches, and records what the export needs (seq_len, tokenizer an
 identity, and the compact vocabulary's ids under ``data.vocab: corpus``: the decoder head then
 covers those ids only, and targets are mapped to them, ``data/vocab.py``). Everything the Trainer calls is below.
 
+Class-conditional runs (``data.num_classes`` > 0): the flow reads each sample's class (the shard
+field ``label``), replaced by the null class with probability ``stage_a.cond_dropout`` (drawn from
+the rank's global RNG, like the dequantisation noise: the Trainer checkpoints its state, so a resumed
+run draws the same), and the export records ``num_classes``.
+
 ``stage_a.online_encoder``: the shards hold tokens only and every rank runs the frozen encoder
 (``models/frozen_encoder.OnlineFeatures``) on its batch inside the step, before the Stage A model,
 in the training precision and without gradients; the encoder is an attribute of the task, not of
@@ -28,6 +33,7 @@ from ...data.source import describe_source
 from ...data.vocab import CompactVocab, vocab_for
 from ...domains import build_domain
 from ...distributed.parallelize import ParallelDims, parallelize
+from ...models.conditioning import batch_labels, drop_labels
 from ...models.frozen_encoder import OnlineFeatures
 from ...models.stage_a import StageAModel
 from ...models.stage_a_export import export_stage_a
@@ -51,6 +57,7 @@ class StageATask:
         self.online = online  # stage_a.online_encoder: features computed per batch (``features``)
         self.encoder: Optional[OnlineFeatures] = None  # built on the rank's device by build_model
         self.vocab = vocab  # None: the head spans the tokenizer's vocabulary
+        self.num_classes = int(cfg.data.num_classes)
         self.feature_dim, self.vocab_size, self.seq_len = int(feature_dim), int(vocab_size), int(seq_len)
         self.meta = dict(meta or {})
         self._stats_batches = stats_batches
@@ -86,7 +93,7 @@ class StageATask:
         vocab = vocab_for(cfg, data_dir)
         meta = {"seq_len": info["seq_len"], "tokenizer": info["tokenizer"], "encoder": info["encoder"],
                 "feature_dtype": info["feature_dtype"], "source_data": os.path.abspath(data_dir),
-                "vocab": vocab.to_meta() if vocab else None}
+                "vocab": vocab.to_meta() if vocab else None, "num_classes": int(cfg.data.num_classes)}
         feature_dim = info["feature_dim"] or 0  # 0: no stored features, Stage A learns a token embedding
         return cls(cfg, feature_dim, vocab.size if vocab else info["vocab_size"], seq_len=info["seq_len"],
                    meta=meta, stats_batches=stats_batches() if feature_dim else None, vocab=vocab,
@@ -95,7 +102,7 @@ class StageATask:
     # ------------------------------------------------------------------ Trainer protocol
 
     def build_model(self) -> nn.Module:
-        model = StageAModel(self.feature_dim, self.vocab_size, self.cfg.stage_a)
+        model = StageAModel(self.feature_dim, self.vocab_size, self.cfg.stage_a, self.num_classes)
         if self.online and self.encoder is None:
             self.encoder = build_online_features(self.cfg, D.device())
         if self._stats is None and self._stats_batches is not None:
@@ -121,17 +128,27 @@ class StageATask:
         """The encoder's input: the features, or the head-row ids for the token embedding."""
         return self.features(batch) if self.feature_dim else self.targets(batch)
 
+    def labels(self, batch: dict, train: bool):
+        """The batch's classes (None for an unconditional run); in training each is the null class
+        (-1) with probability stage_a.cond_dropout."""
+        if not self.num_classes:
+            return None
+        labels = batch_labels(batch)
+        return drop_labels(labels, self.cfg.stage_a.cond_dropout) if train else labels
+
     def loss(self, model: StageAModel, batch: dict, step: int):
-        return model.loss(self.source(batch), self.targets(batch), batch["mask"], step)
+        kw = {"labels": self.labels(batch, True)} if self.num_classes else {}
+        return model.loss(self.source(batch), self.targets(batch), batch["mask"], step, **kw)
 
     @torch.no_grad()
     def eval_metrics(self, model: StageAModel, batch: dict) -> dict:
         # Evaluated at the end-of-anneal weight so eval losses are comparable across steps.
-        _, m = model.loss(self.source(batch), self.targets(batch), batch["mask"], step=self.cfg.stage_a.train.steps)
+        _, m = model.loss(self.source(batch), self.targets(batch), batch["mask"], step=self.cfg.stage_a.train.steps,
+                          labels=self.labels(batch, False))
         return {k: v for k, v in m.items() if k != "lambda_flow"}
 
     def flops_per_sample(self) -> dict:
-        model = self.model or StageAModel(self.feature_dim, self.vocab_size, self.cfg.stage_a)
+        model = self.model or StageAModel(self.feature_dim, self.vocab_size, self.cfg.stage_a, self.num_classes)
         out = {"stage_a": model.flops_per_sample(self.seq_len)}
         if self.encoder is not None:  # the frozen encoder's forward is part of every step
             out["encoder"] = self.encoder.flops_per_sample(self.seq_len)

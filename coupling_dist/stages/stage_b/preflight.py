@@ -6,7 +6,9 @@ the data-parallel ranks. Every refusal is a ``PreflightError`` (exit status 2) n
 ``checked_task_info`` returns what the task needs (shapes, vocabulary, teacher, special ids).
 Under ``data.vocab: corpus`` the head covers the pair store's compact vocabulary (``data/vocab.py``),
 the mask token of the masked denoiser comes right after the compact ids, and the head is padded
-as for a teacher-less run (a multiple of 1024 and of 128 * tp).
+as for a teacher-less run (a multiple of 1024 and of 128 * tp). A class-conditional run
+(``data.num_classes`` > 0) needs the pair store's ``label`` field (and, for the composite, a Stage A
+export with the same number of classes).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import os
 
 from ...components import assets
 from ...components.paths import pair_store_dir
-from ...components.preflight import PreflightError, require_file, teacher_path
+from ...components.preflight import PreflightError, require_file, require_labels, teacher_path
 from ...config import Config
 from ...data.vocab import vocab_for
 from ...distributed.parallel_state import check_layout
@@ -96,10 +98,12 @@ def preflight(cfg: Config) -> dict:
     elif teacher is None:
         vocab = domain.head_rows(tok_vocab + (1 if masked else 0), tp)
     mask_id = (vocab - 1 if compact is None else compact.size) if masked else None
+    require_labels(man.get("fields"), where, cfg.data.num_classes)  # class-conditional: the pairs carry labels
     return {"store": store, "manifest": man, "K": K, "seq_len": T, "patch": T // P, "latent_dim": d, "vocab_size": vocab,
             "tokenizer": tok, "tok_vocab": tok_vocab, "teacher": teacher, "mask_token_id": mask_id,
             "eos_id": tok.get("eos_id"), "pad_id": tok.get("pad_id"), "vocab": compact,
-            "stage_a": check_composite(cfg, man, where) if cfg.stage_b.model.kind == "composite" else None}
+            "stage_a": check_composite(cfg, man, where) if cfg.stage_b.model.kind == "composite" else None,
+            "num_classes": int(cfg.data.num_classes)}
 
 
 def check_composite(cfg: Config, man: dict, where: str) -> str:
@@ -118,7 +122,12 @@ def check_composite(cfg: Config, man: dict, where: str) -> str:
     if artifact_hash(art) != rec.get("sha256"):
         raise PreflightError(f"stage_b.model.kind=composite: the Stage A export {art} changed since the pair store "
                              f"{where} was made from it (sha256 differs); rebuild the pair store")
-    sa = read_meta(art)["stage_a"]
+    art_meta = read_meta(art)
+    sa = art_meta["stage_a"]
+    if int(art_meta.get("num_classes", 0)) != cfg.data.num_classes:  # G(z, y) = D(NF^-1(z; y)): the same classes
+        raise PreflightError(f"stage_b.model.kind=composite: the Stage A export {art} has num_classes "
+                             f"{int(art_meta.get('num_classes', 0))} but data.num_classes is {cfg.data.num_classes}; "
+                             f"re-run stage_a and the pair store with this config")
     if sa["flow"]["kind"] != "realnvp" or sa.get("pad_positions", "encoded") != "encoded":
         raise PreflightError(f"stage_b.model.kind=composite needs a Stage A export with stage_a.flow.kind=realnvp and "
                              f"stage_a.pad_positions=encoded (one parallel inverse pass over every position); {art} has "

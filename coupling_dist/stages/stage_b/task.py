@@ -16,6 +16,10 @@ and the parallel layout (``distributed.parallelize.build_parallel_dims``). The t
   loss covers all T positions (Eq. 2 / Eq. 32, see ``inputs``). These draws come from a
   generator seeded by (run.seed, step, data-parallel rank), not from the global RNG: every TP rank
   of a group must see the same inputs, and a resumed run replays them exactly;
+- class-conditional runs (``data.num_classes`` > 0): the pair store's ``label`` is the generator's
+  class, replaced by the null class (-1) with probability ``stage_b.cond_dropout`` -- drawn from its
+  own (seed, step, dp rank) generator (salt 3), so the other draws are those of an unconditional
+  run and a resumed run replays them exactly; evaluation batches keep every label;
 - loss = CE + lambda_KD * KD from ``losses.kd_loss`` (chunked, vocab-parallel under TP); the frozen
   teacher (a HF causal LM, not part of the trained module, so neither DeepSpeed nor the EMA sees
   it) runs its trunk on the ground-truth tokens and only its head *shard* enters the loss; with
@@ -43,6 +47,7 @@ from ...config import Config
 from ...distributed.parallelize import ParallelDims, parallelize
 from ...losses.kd_loss import sequence_loss
 from ...models.composite_generator import composite_arch
+from ...models.conditioning import batch_labels, drop_labels
 from ...models.generator import build_generator, export_generator
 from ...models.teacher import CACHE_FIELDS, teacher_dtype, teacher_flops_per_token, trunk_hidden
 
@@ -56,6 +61,7 @@ class StageBTask:
         self._teacher: Optional[nn.Module] = None
         self.vocab = info.get("vocab")  # CompactVocab, or None: the head spans the tokenizer vocabulary
         self._teacher_rows: Optional[torch.Tensor] = None  # the teacher head in this student's row order
+        self.num_classes = int(info.get("num_classes", 0))  # > 0: G(z, y) (data.num_classes)
 
     # ------------------------------------------------------------------ model
 
@@ -70,7 +76,7 @@ class StageBTask:
     def build_model(self) -> nn.Module:
         i = self.info
         model = build_generator(self.arch(), i["latent_dim"], i["seq_len"], i["vocab_size"], i["mask_token_id"],
-                                i.get("patch", 1))
+                                i.get("patch", 1), self.num_classes)
         if i.get("stage_a") is not None:  # warm start: G = D(NF^-1(z)) exactly, before any update
             from safetensors.torch import load_file
 
@@ -110,7 +116,8 @@ class StageBTask:
 
     def fields(self) -> list[str]:
         """The pair-store fields a batch needs."""
-        return ["z", "tokens", "mask"] + (list(CACHE_FIELDS) if self.cached_kd else [])
+        return (["z", "tokens", "mask"] + (list(CACHE_FIELDS) if self.cached_kd else [])
+                + (["label"] if self.num_classes else []))
 
     # ------------------------------------------------------------------ batches
 
@@ -155,13 +162,24 @@ class StageBTask:
             ce_weight = w / w.sum().clamp_min(1e-12)
         return z, tokens, mask, x_t, ce_weight
 
+    def labels(self, batch: dict, step: int, train: bool) -> Optional[torch.Tensor]:
+        """The batch's classes [B] (None for an unconditional run); in training each is the null
+        class (-1) with probability ``stage_b.cond_dropout``, a function of (seed, step, dp rank)."""
+        if not self.num_classes:
+            return None
+        labels = batch_labels(batch)
+        if not train:
+            return labels
+        return drop_labels(labels, self.cfg.stage_b.cond_dropout, self._generator(step, 3))
+
     # ------------------------------------------------------------------ Trainer protocol
 
     def _loss(self, model, batch: dict, step: int, train: bool):
         from ...distributed.tensor_parallel import head_shard, tp_info
 
         z, tokens, mask, x_t, ce_weight = self.inputs(batch, step, train)
-        h = model.hidden(z, x_t)
+        labels = self.labels(batch, step, train)
+        h = model.hidden(z, x_t) if labels is None else model.hidden(z, x_t, labels)
         w, start, V = head_shard(model)
         kd = self.cfg.stage_b.kd
         teacher = self.teacher(h.device)
@@ -203,7 +221,7 @@ class StageBTask:
     def flops_per_sample(self) -> dict:
         i = self.info
         gen = self.model or build_generator(self.arch(), i["latent_dim"], i["seq_len"], i["vocab_size"],
-                                            i["mask_token_id"], i.get("patch", 1))
+                                            i["mask_token_id"], i.get("patch", 1), self.num_classes)
         out = {"student": gen.flops_per_sample(i["seq_len"])}
         if i["teacher"] is not None and not self.cached_kd:  # a cached teacher costs no FLOPs here
             out["teacher"] = teacher_flops_per_token(self.teacher(D.device()), i["seq_len"], i["vocab_size"]) * i["seq_len"]
@@ -216,7 +234,8 @@ class StageBTask:
                 "kind": self.cfg.stage_b.model.kind, "mask_token_id": i["mask_token_id"], "eos_id": i["eos_id"],
                 "pad_id": i["pad_id"], "tokenizer": i["tokenizer"], "tokenizer_vocab_size": i["tok_vocab"],
                 "teacher": (i["teacher"] or {}).get("identity"), "pair_store": os.path.abspath(i["store"]),
-                "vocab": self.vocab.to_meta() if self.vocab is not None else None}
+                "vocab": self.vocab.to_meta() if self.vocab is not None else None, "num_classes": self.num_classes,
+                "cond_dropout": self.cfg.stage_b.cond_dropout if self.num_classes else 0.0}
 
     def export(self, trainer, out_dir: str) -> Optional[str]:
         """Collective: every rank calls it. The EMA weights (or the live ones without EMA) are
