@@ -110,7 +110,7 @@ class LoaderConfig:
 
 @dataclass
 class TrainConfig:
-    """Shared by Stage A and Stage B: the Trainer reads only this section."""
+    """Shared by Stage A, Stage B and finetune: the Trainer reads only this section."""
 
     steps: int = _f(200, gt=0)
     batch_size: int = _f(32, gt=0)  # global batch (all data-parallel ranks)
@@ -248,6 +248,31 @@ class StageBConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Reward fine-tuning (Algorithm 6; ``python -m coupling_dist.finetune``, stages/finetune/)."""
+
+    export: Optional[str] = None  # the generator export theta_0 to start from; default run.dir/stage_b/export
+    reward: Optional[str] = None  # the reward classifier (python -m coupling_dist.classifier); default classifier.out
+    lambda_reward: float = _f(1.0, gt=0)
+    lambda_anchor: float = _f(1.0, ge=0)
+    # the anchor penalty R(theta, theta_0) on the same (z, y): "logit" = MSE between the logits,
+    # "kl" = KL(p_theta_0 || p_theta) per position (paper F.1: logit- or distribution-level matching)
+    anchor: str = _f("logit", choices=("logit", "kl"))
+    relaxation: str = _f("softmax", choices=("softmax", "gumbel", "straight_through"))  # rho (F.1)
+    tau: float = _f(1.0, gt=0)  # relaxation temperature tau_r
+    # y per sample: "balanced" = (global sample index) mod num_classes, "uniform" = drawn at random
+    labels: str = _f("balanced", choices=("balanced", "uniform"))
+    latent_scale: float = _f(1.0, gt=0)  # z ~ N(0, latent_scale^2 I)
+    tp: int = _f(1, gt=0)  # tensor-parallel size; DP = world / tp
+    # fine-tuning defaults (the paper's code: lr 1e-5, AdamW betas (0.9, 0.95), no weight decay, no
+    # warm-up); keep_defaults: a file that sets some finetune.train keys keeps these for the others
+    train: TrainConfig = _f(factory=lambda: TrainConfig(steps=200, lr=1e-5, weight_decay=0.0, betas=[0.9, 0.95],
+                                                        warmup_steps=0, schedule="constant", ckpt_interval=100,
+                                                        eval_interval=50), keep_defaults=True)
+    ray_workers: Optional[int] = _f(None, gt=0)  # run as this many Ray-actor ranks (default under a Ray job: ray.num_workers)
+
+
+@dataclass
 class ClassifierGuidanceConfig:
     """Latent classifier guidance (Algorithm 5, ``guidance/latent.py``): ``steps`` = K gradient-ascent
     steps of size ``step_size`` (eta) on z of log p(y | relaxation(G(z, y))) under the reward classifier."""
@@ -347,6 +372,7 @@ class Config:
     stage_a: StageAConfig = _f(factory=StageAConfig)
     pair_store: PairStoreConfig = _f(factory=PairStoreConfig)
     stage_b: StageBConfig = _f(factory=StageBConfig)
+    finetune: FinetuneConfig = _f(factory=FinetuneConfig)
     sample: SampleConfig = _f(factory=SampleConfig)
     evaluate: EvaluateConfig = _f(factory=EvaluateConfig)
     classifier: ClassifierConfig = _f(factory=ClassifierConfig)
@@ -439,6 +465,10 @@ def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
+            f = fields[name]
+            if f.metadata.get("keep_defaults") and isinstance(value, dict):
+                # the section's own defaults (its factory's) stay for the keys the file leaves out
+                value = _merged(dataclasses.asdict(f.default_factory()), value)
             kwargs[name] = _build(tp, value, key, where)
             continue
         ok, coerced = _type_ok(value, tp)
@@ -452,6 +482,13 @@ def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
         if name not in kwargs and not dataclasses.is_dataclass(hints[name]):
             _check_range(f"{prefix}.{name}" if prefix else name, getattr(obj, name), f.metadata, where)
     return obj
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
 
 
 def section_from_dict(cls: type, data: Any, key: str, where: str) -> Any:
@@ -535,7 +572,7 @@ def _cross_checks(cfg: Config, where: str) -> None:
     for name, val in (("heads", m.heads), ("ffn", m.ffn)):
         if val % tp:
             raise ConfigError(f"{where}: 'stage_b.model.{name}' ({val}) must be divisible by 'stage_b.tp' ({tp})")
-    for sec in ("stage_a", "stage_b"):
+    for sec in ("stage_a", "stage_b", "finetune"):
         t: TrainConfig = getattr(cfg, sec).train
         if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas):
             raise ConfigError(f"{where}: '{sec}.train.betas' must be two numbers in [0, 1)")

@@ -10,8 +10,8 @@ import typing
 from conftest import ROOT
 
 PKG = "coupling_dist"
-SHIMS = {f"{PKG}.{m}" for m in ("preprocess", "stage_a", "pair_store", "stage_b", "sample", "evaluate", "pipeline",
-                                 "plan", "classifier")}
+SHIMS = {f"{PKG}.{m}" for m in ("preprocess", "stage_a", "pair_store", "stage_b", "finetune", "sample", "evaluate",
+                                 "pipeline", "plan", "classifier")}
 
 
 def _modules(root: str, top: str) -> dict[str, str]:

@@ -430,6 +430,10 @@ class CheckpointManager:
         raise CheckpointError(f"checkpoint {path} is broken: {why}; no other checkpoint under {self.root} is "
                               f"intact. Start fresh with {key}=none (the broken checkpoint(s) are left in place)")
 
+    def trainer_state(self, path: str) -> dict:
+        """Rank 0's trainer state saved in checkpoint ``path`` (step, data position, task meta...)."""
+        return load_own(os.path.join(path, "trainer_state_rank0.pt"))
+
     def universal_dir(self, plan: dict) -> str:
         return os.path.join(self.root, UNIVERSAL, os.path.basename(plan["path"]))
 

@@ -3,7 +3,8 @@
 Every stage writes under ``run.dir/<stage>/`` (evaluation under ``run.dir/eval``); the stage
 that produces an output and the stages that consume it both ask here, so a default is written
 down once. Optional config keys override the inputs a stage reads (``data.out_dir``,
-``pair_store.artifact``, ``sample.export``, ``sample.out``, ``classifier.out``, ``sample.classifier.path``).
+``pair_store.artifact``, ``sample.export``, ``sample.out``, ``classifier.out``, ``sample.classifier.path``,
+``finetune.export``, ``finetune.reward``).
 """
 from __future__ import annotations
 
@@ -45,6 +46,16 @@ def generator_export(cfg) -> str:
     return os.path.join(stage_dir(cfg, "stage_b"), "export")
 
 
+def finetune_source(cfg) -> str:
+    """The generator export reward fine-tuning starts from (theta_0)."""
+    return cfg.finetune.export or generator_export(cfg)
+
+
+def finetune_export(cfg) -> str:
+    """Where reward fine-tuning writes its generator (the generator export format)."""
+    return os.path.join(stage_dir(cfg, "finetune"), "export")
+
+
 def sampling_export(cfg, kind: str = None) -> str:
     """The export that sample / evaluate read: the generator, or with ``sample.kind`` (or ``kind``)
     "stage_a" the Stage A export (the Stage-A-only sampler)."""
@@ -56,6 +67,11 @@ def sampling_export(cfg, kind: str = None) -> str:
 def reward_classifier(cfg) -> str:
     """Where ``python -m coupling_dist.classifier`` writes the reward classifier (``classifier.out``)."""
     return cfg.classifier.out or os.path.join(stage_dir(cfg, "classifier"), "export")
+
+
+def finetune_reward(cfg) -> str:
+    """The reward classifier reward fine-tuning reads (``finetune.reward``, default ``classifier.out``)."""
+    return cfg.finetune.reward or reward_classifier(cfg)
 
 
 def guidance_classifier(cfg) -> str:

@@ -56,6 +56,8 @@ CONFIG_KEYS = {
     "stage_b": (("run.seed", "data.vocab", "data.num_classes", "stage_b."), ("stage_b.ray_workers", "stage_b.tp", "stage_b.model.attention",
                                                         "stage_b.kd.chunk_positions", "stage_b.kd.chunk_vocab")
                 + tuple(f"stage_b.train.{k}" for k in _TRAIN_HOW)),
+    "finetune": (("run.seed", "finetune."), ("finetune.export", "finetune.reward", "finetune.ray_workers", "finetune.tp")
+                 + tuple(f"finetune.train.{k}" for k in _TRAIN_HOW)),
     "sample": (("sample.",), ("sample.export", "sample.out", "sample.ray_workers")),
     "classifier": (("run.seed", "classifier."), ("classifier.out",)),
     "evaluate": (("evaluate.", "sample.", "data.tokenizer", "data.seq_len"),
@@ -94,6 +96,11 @@ def stage_inputs(cfg, stage: str) -> list[Input]:
         return [data, Input("stage_a export", "stage_a" if _same(art, P.stage_a_export(cfg)) else None, art, "export")]
     if stage == "stage_b":
         return [Input("pair store", "pair_store", P.pair_store_dir(cfg), "shards")]
+    if stage == "finetune":
+        src, reward = P.finetune_source(cfg), P.finetune_reward(cfg)
+        return [Input("generator export", "stage_b" if _same(src, P.generator_export(cfg)) else None, src, "export"),
+                Input("reward classifier", "classifier" if _same(reward, P.reward_classifier(cfg)) else None,
+                      reward, "export")]
     if stage == "sample":
         return [_export_input(cfg, cfg.sample.kind)]
     if stage == "evaluate":
@@ -118,6 +125,8 @@ def stage_inputs(cfg, stage: str) -> list[Input]:
 def _export_input(cfg, kind: str) -> Input:
     path = paths.sampling_export(cfg, kind)
     producer, default = ("stage_a", paths.stage_a_export(cfg)) if kind == "stage_a" else ("stage_b", paths.generator_export(cfg))
+    if kind != "stage_a" and _same(path, paths.finetune_export(cfg)):  # sample.export = the fine-tuned generator
+        producer, default = "finetune", paths.finetune_export(cfg)
     return Input(f"{producer} export", producer if _same(path, default) else None, path, "export")
 
 
@@ -128,6 +137,7 @@ def stage_outputs(cfg, stage: str) -> dict:
         "stage_a": {"export": (paths.stage_a_export(cfg), "export")},
         "pair_store": {"pair store": (paths.pair_store_dir(cfg), "shards")},
         "stage_b": {"export": (paths.generator_export(cfg), "export")},
+        "finetune": {"export": (paths.finetune_export(cfg), "export")},
         "sample": {"samples": (paths.samples_file(cfg), "file")},
         "evaluate": {"results": (paths.eval_results(cfg), "file")},
         "classifier": {"reward classifier": (paths.reward_classifier(cfg), "export")},

@@ -16,7 +16,11 @@ The task protocol (duck-typed; Stage B implements the same methods)::
     optional: mpu (DeepSpeed/megatron mpu object, for TP groups), tokens_in_batch(batch) -> int,
               ds_config_overrides (dict merged into the DeepSpeed config), export(trainer, out_dir),
               tp_partition_dims() -> {param name: split dim} of the TP-split parameters (makes the
-              checkpoints resumable at another TP size: ``distributed/tp_reshape.py``)
+              checkpoints resumable at another TP size: ``distributed/tp_reshape.py``),
+              checkpoint_meta() -> {json-able} saved with every checkpoint, and
+              check_resume(saved_meta, path) called with it before a resume loads anything
+              (raises ``InputError`` when the checkpoint belongs to other frozen inputs, e.g.
+              reward fine-tuning's theta_0, which lives outside the engine and is not saved)
 
 ``loss``/``eval_metrics`` run inside the DeepSpeed engine's forward (through a thin wrapper
 module), so ZeRO-3's parameter gathering hooks fire exactly as for a normal forward; they receive
@@ -133,12 +137,15 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision, self.device)
         self.layout = {"world": D.world_size(), "dp_world": self.dp_world, "mp_world": self.mp_world,
                        "zero_stage": cfg.zero_stage, "precision": self.precision, "global_batch": cfg.batch_size}
-        key = f"{self.stage}.train.resume" if self.stage in ("stage_a", "stage_b") else "train.resume"
+        key = f"{self.stage}.train.resume" if self.stage in ("stage_a", "stage_b", "finetune") else "train.resume"
         self.ckpt = CheckpointManager(self.stage_dir, cfg.keep_last, resume_key=key)
         self.metrics = self.metrics or MetricsLogger(self.stage_dir, self.stage, None, enabled=D.is_main())
         self.peak_flops = cfg.peak_flops or self._measured_peak()
 
         plan = self.ckpt.plan_resume(cfg.resume, self.layout)
+        if plan is not None and hasattr(task, "check_resume"):  # before any weights are loaded
+            saved = self.ckpt.trainer_state(plan["path"]).get("task_meta")
+            task.check_resume(json.loads(saved) if saved else None, plan["path"])
         seed_everything(self.seed)  # identical initial weights on every rank
         self.model = task.build_model()
         self.engine = self._build_engine(universal=bool(plan and plan["universal"]))
@@ -373,6 +380,8 @@ class Trainer:
         state = {"step": self.step, "data_step": self.train_loader.step, "loader": json.dumps(loader),
                  "rng": rng_state(), "layout": json.dumps(self.layout), "mp_rank": self.mp_rank,
                  "config": json.dumps(self.full_config, default=str), "time": time.time()}
+        if hasattr(self.task, "checkpoint_meta"):
+            state["task_meta"] = json.dumps(self.task.checkpoint_meta(), sort_keys=True)
         ema = None
         if self.ema is not None:
             ema = dict(self.ema.state_dict(), mp_rank=self.mp_rank)
