@@ -265,10 +265,10 @@ class FinetuneConfig:
     latent_scale: float = _f(1.0, gt=0)  # z ~ N(0, latent_scale^2 I)
     tp: int = _f(1, gt=0)  # tensor-parallel size; DP = world / tp
     # fine-tuning defaults (the paper's code: lr 1e-5, AdamW betas (0.9, 0.95), no weight decay, no
-    # warm-up); keep_defaults: a file that sets some finetune.train keys keeps these for the others
+    # warm-up); a file that sets some finetune.train keys keeps these for the others
     train: TrainConfig = _f(factory=lambda: TrainConfig(steps=200, lr=1e-5, weight_decay=0.0, betas=[0.9, 0.95],
                                                         warmup_steps=0, schedule="constant", ckpt_interval=100,
-                                                        eval_interval=50), keep_defaults=True)
+                                                        eval_interval=50))
     ray_workers: Optional[int] = _f(None, gt=0)  # run as this many Ray-actor ranks (default under a Ray job: ray.num_workers)
 
 
@@ -329,6 +329,19 @@ class ClassifierConfig:
 
 
 @dataclass
+class GuidanceEvalConfig:
+    """The guidance table of a class-conditional run (README "Guidance table"): every row draws
+    ``num_samples`` balanced-label one-step samples at the sample section's latent scale / temperature."""
+
+    enabled: bool = True  # with a class-conditional generator export (data.num_classes > 0)
+    cfg_scales: list = _f(factory=lambda: [0.0, 1.0, 2.0, 3.0, 5.0])  # 0: unconditional, 1: conditional
+    classifier_steps: list = _f(factory=lambda: [5])  # K of Algorithm 5 (needs the reward classifier)
+    classifier_step_sizes: list = _f(factory=lambda: [1.0, 3.0, 10.0])  # eta of Algorithm 5
+    finetune_series: bool = True  # the reward fine-tuned export (run.dir/finetune/export) when present
+    num_samples: Optional[int] = _f(None, gt=0)  # default: evaluate.num_samples
+
+
+@dataclass
 class EvaluateConfig:
     scorer: str = "tiny:gpt2"  # HF causal LM dir/id/spec
     protocol: str = _f("mdlm", choices=("mdlm", "paper"))
@@ -349,6 +362,8 @@ class EvaluateConfig:
     # classifier-Frechet domains (binary_image): training steps of the evaluation classifier whose
     # penultimate features replace Inception's (evaluation/feature_net.py; cached in run.dir/eval)
     classifier_steps: int = _f(1500, gt=0)
+    # class-conditional exports: the guidance table (stages/evaluate/guidance.py, the paper's Figure 4)
+    guidance: GuidanceEvalConfig = _f(factory=GuidanceEvalConfig)
 
 
 @dataclass
@@ -359,7 +374,10 @@ class PipelineConfig:
     # auto: srun inside a SLURM allocation with several tasks, torchrun when nproc > 1, else local
 
 
-PIPELINE_STAGES = ("preprocess", "stage_a", "pair_store", "stage_b", "sample", "evaluate")
+PIPELINE_STAGES = ("preprocess", "stage_a", "pair_store", "stage_b", "sample", "evaluate")  # the default run
+# every stage the pipeline can run, in their order (guidance adds the reward classifier and reward
+# fine-tuning: `pipeline.stages: [..., stage_b, classifier, finetune, sample, evaluate]`)
+ALL_STAGES = ("preprocess", "stage_a", "pair_store", "stage_b", "classifier", "finetune", "sample", "evaluate")
 
 
 @dataclass
@@ -466,8 +484,9 @@ def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             f = fields[name]
-            if f.metadata.get("keep_defaults") and isinstance(value, dict):
-                # the section's own defaults (its factory's) stay for the keys the file leaves out
+            if f.default_factory is not dataclasses.MISSING and isinstance(value, dict):
+                # the section's own defaults (its factory's: e.g. stage_b.train's lr 2e-4 and EMA 0.999,
+                # finetune.train's) stay for the keys the file leaves out -- not the plain class's
                 value = _merged(dataclasses.asdict(f.default_factory()), value)
             kwargs[name] = _build(tp, value, key, where)
             continue
@@ -596,9 +615,13 @@ def _cross_checks(cfg: Config, where: str) -> None:
     if d.label_field is not None and d.label_field == d.text_field:
         raise ConfigError(f"{where}: 'data.label_field' and 'data.text_field' are both {d.text_field!r}")
     _conditioning_checks(cfg, where)
-    bad = [s for s in cfg.pipeline.stages if s not in PIPELINE_STAGES]
+    bad = [s for s in cfg.pipeline.stages if s not in ALL_STAGES]
     if bad:
-        raise ConfigError(f"{where}: 'pipeline.stages' has unknown stage {bad[0]!r} (stages: {list(PIPELINE_STAGES)})")
+        raise ConfigError(f"{where}: 'pipeline.stages' has unknown stage {bad[0]!r} (stages: {list(ALL_STAGES)})")
+    order = [ALL_STAGES.index(s) for s in cfg.pipeline.stages]
+    if order != sorted(order):
+        raise ConfigError(f"{where}: 'pipeline.stages' = {cfg.pipeline.stages} is out of order (the order is "
+                          f"{list(ALL_STAGES)})")
     if not isinstance(cfg.data.corpus, (str, list)) or (isinstance(cfg.data.corpus, list) and not all(isinstance(c, str) for c in cfg.data.corpus)):
         raise ConfigError(f"{where}: 'data.corpus' must be a path, a glob or a list of them")
 

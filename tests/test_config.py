@@ -50,3 +50,16 @@ def test_entry_exits_2_before_any_work(tmp_path):
     proc = run_module("coupling_dist.preprocess", "--config", DEMO, f"run.dir={tmp_path}",
                       "data.corpus=/nonexistent/*.txt", "run.progress=false", check=False, timeout=120)
     assert proc.returncode == 2 and "'data.corpus'" in proc.stderr and "no file matches" in proc.stderr
+
+
+def test_a_section_keeps_its_own_defaults_for_the_keys_a_file_leaves_out(tmp_path):
+    """stage_b.train's defaults are not TrainConfig's (lr 2e-4, EMA 0.999): setting one of its keys in a
+    file or an override must not silently reset the others to TrainConfig's (it did until 2026-11)."""
+    t = load_config(None, ["stage_b.train.steps=50"]).stage_b.train
+    assert (t.steps, t.lr, t.ema_decay) == (50, 2e-4, 0.999)
+    p = tmp_path / "c.yaml"
+    p.write_text("stage_b:\n  train:\n    steps: 40\n    ema_decay: null\n", encoding="utf-8")
+    t = load_config(str(p)).stage_b.train
+    assert (t.steps, t.lr, t.ema_decay) == (40, 2e-4, None)
+    t = load_config(None, ["finetune.train.steps=6", "finetune.train.lr=1e-3"]).finetune.train
+    assert (t.steps, t.lr, t.warmup_steps, t.weight_decay, t.betas, t.schedule) == (6, 1e-3, 0, 0.0, [0.9, 0.95], "constant")

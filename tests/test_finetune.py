@@ -55,13 +55,6 @@ def test_anchor_distances():
     assert float(logit.anchor_distance(a, a + 3.0)) == pytest.approx(9.0)
 
 
-def test_finetune_train_keeps_its_defaults_when_some_keys_are_set():
-    from coupling_dist.config import load_config
-
-    t = load_config(None, ["finetune.train.steps=6", "finetune.train.lr=1e-3"]).finetune.train
-    assert (t.steps, t.lr, t.warmup_steps, t.weight_decay, t.betas, t.schedule) == (6, 1e-3, 0, 0.0, [0.9, 0.95], "constant")
-
-
 # --------------------------------------------------------------------------- pre-flight
 
 from finetune_fixtures import FAST, MNIST, finetune_cfg, make_generator_export, make_reward  # noqa: E402

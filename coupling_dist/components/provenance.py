@@ -58,11 +58,11 @@ CONFIG_KEYS = {
                 + tuple(f"stage_b.train.{k}" for k in _TRAIN_HOW)),
     "finetune": (("run.seed", "finetune."), ("finetune.export", "finetune.reward", "finetune.ray_workers", "finetune.tp")
                  + tuple(f"finetune.train.{k}" for k in _TRAIN_HOW)),
-    "sample": (("sample.",), ("sample.export", "sample.out", "sample.ray_workers")),
+    "sample": (("sample.",), ("sample.export", "sample.out", "sample.ray_workers", "sample.classifier.path")),
     "classifier": (("run.seed", "classifier."), ("classifier.out",)),
     "evaluate": (("evaluate.", "sample.", "data.tokenizer", "data.seq_len"),
                  ("evaluate.samples", "evaluate.reference", "evaluate.num_actors", "sample.export", "sample.out",
-                  "sample.ray_workers", "sample.num_samples")),
+                  "sample.ray_workers", "sample.num_samples", "sample.classifier.path")),
 }
 
 
@@ -102,7 +102,8 @@ def stage_inputs(cfg, stage: str) -> list[Input]:
                 Input("reward classifier", "classifier" if _same(reward, P.reward_classifier(cfg)) else None,
                       reward, "export")]
     if stage == "sample":
-        return [_export_input(cfg, cfg.sample.kind)]
+        out = [_export_input(cfg, cfg.sample.kind)]
+        return out + (_guidance_inputs(cfg, finetuned=False) if cfg.sample.guidance == "classifier" else [])
     if stage == "evaluate":
         e = cfg.evaluate
         out = []
@@ -118,8 +119,21 @@ def stage_inputs(cfg, stage: str) -> list[Input]:
             if e.stage_a_series:
                 out.append(_export_input(cfg, "stage_a"))
         out.append(Input("reference", None, [e.reference], "files") if e.reference else data)
+        if e.guidance.enabled and cfg.data.num_classes > 0:  # the guidance table reads these two as well
+            out += _guidance_inputs(cfg, finetuned=e.guidance.finetune_series)
         return out
     raise ValueError(f"unknown stage {stage!r}")
+
+
+def _guidance_inputs(cfg, finetuned: bool) -> list[Input]:
+    """The reward classifier latent classifier guidance reads, and (``finetuned``) the reward
+    fine-tuned export the guidance table scores."""
+    reward = paths.guidance_classifier(cfg)
+    out = [Input("reward classifier", "classifier" if _same(reward, paths.reward_classifier(cfg)) else None,
+                 reward, "export")]
+    if finetuned:
+        out.append(Input("finetune export", "finetune", paths.finetune_export(cfg), "export"))
+    return out
 
 
 def _export_input(cfg, kind: str) -> Input:

@@ -96,7 +96,9 @@ def classifier(cfg, domain, tokens: np.ndarray, labels: np.ndarray, out_dir: str
 
 @torch.no_grad()
 def class_stats(net, tokens: np.ndarray, labels=None) -> dict:
-    probs = torch.cat([torch.softmax(net(torch.from_numpy(b)), -1) for b in np.array_split(tokens, max(1, len(tokens) // 512))])
+    dev = next(net.parameters()).device
+    probs = torch.cat([torch.softmax(net(torch.from_numpy(b).to(dev)), -1).cpu()
+                       for b in np.array_split(tokens, max(1, len(tokens) // 512))])
     top, pred = probs.max(-1)
     hist = torch.bincount(pred, minlength=probs.shape[1]).double() / len(pred)
     nz = hist[hist > 0]
@@ -192,6 +194,9 @@ def evaluate(cfg, domain) -> dict:
         raise InputError("evaluate scored nothing: no samples file, no export to sweep, no held-out items")
     held_acc = class_stats(net, held, held_labels)["accuracy"] if len(held) else None
     figures = domain.write_eval_figures(rows, out_dir)
+    from .guidance import evaluate_guidance  # class-conditional exports: the guidance table (Figure 4)
+
+    guided = evaluate_guidance(cfg, domain, net, {**cls_info, "accuracy_heldout_split": held_acc}, ref, out_dir)
     extra = {"metric": "classifier_frechet", "domain": domain.name, "domain_columns": list(domain.extra_columns),
              "classifier": {**cls_info, "kind": domain.feature_net, "accuracy_heldout_split": held_acc,
                             "what": "penultimate features of a small classifier trained on the training items "
@@ -205,6 +210,8 @@ def evaluate(cfg, domain) -> dict:
     write_text(out["md"], table(rows, extra))
     if figures:
         out["figures"] = figures
+    if guided:
+        out["guidance"] = guided
     log.info("wrote %s", json.dumps(out))
     return {"rows": len(rows), **out}
 

@@ -1,6 +1,7 @@
 """``python -m coupling_dist.pipeline --config FILE [overrides]``: every stage, in order.
 
-preprocess -> stage_a -> pair_store -> stage_b -> sample -> evaluate. Each stage runs as its own
+preprocess -> stage_a -> pair_store -> stage_b -> sample -> evaluate (``pipeline.stages``; a
+guidance run adds ``classifier`` and ``finetune`` after stage_b, ``config.ALL_STAGES``). Each stage runs as its own
 process (clean torch.distributed / DeepSpeed / Ray state per stage), launched the way
 ``pipeline.launcher`` says: locally, under torchrun with ``pipeline.nproc`` ranks, or as an
 ``srun`` step inside a SLURM allocation.
@@ -39,12 +40,14 @@ from ...components.preflight import check_writable
 from ...config import Config, ConfigError, load_config
 from ...domains import build_domain
 
-DIST_STAGES = {"stage_a", "pair_store", "stage_b", "sample"}
+DIST_STAGES = {"stage_a", "pair_store", "stage_b", "finetune", "sample"}
 OUTPUTS = {  # what each stage leaves for users
     "preprocess": lambda c: os.path.join(paths.data_dir(c), "manifest.json"),
     "stage_a": paths.stage_a_export,
     "pair_store": lambda c: os.path.join(paths.pair_store_dir(c), "manifest.json"),
     "stage_b": paths.generator_export,
+    "classifier": paths.reward_classifier,
+    "finetune": paths.finetune_export,
     "sample": paths.samples_file,
     "evaluate": paths.eval_results,  # run.dir/eval/results.json
 }
