@@ -115,8 +115,8 @@ class Domain:
         """Images [N, H, W] for the standard Inception FID, or None (not images)."""
         return None
 
-    def write_grid(self, tokens: np.ndarray, path: str) -> None:
-        """A picture of rows in the classifier's order (nothing by default)."""
+    def write_grid(self, tokens: np.ndarray, path: str, cols: int = 8) -> None:
+        """A picture of rows in the classifier's order, ``cols`` per row (nothing by default)."""
 
     def extra_metrics(self, tokens: np.ndarray, reference: np.ndarray) -> dict:
         """Metrics of one evaluated series beyond the Fréchet distance ({column: value} with the keys

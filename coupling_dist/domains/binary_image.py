@@ -196,15 +196,19 @@ class BinaryImageDomain(LabelledCodecDomain):
     def inception_images(self, tokens: np.ndarray) -> np.ndarray:
         return np.asarray(tokens).reshape(-1, self.h, self.w)
 
-    def write_grid(self, tokens: np.ndarray, path: str) -> None:
-        save_grid(np.asarray(tokens).reshape(-1, self.h, self.w), path)
+    def write_grid(self, tokens: np.ndarray, path: str, cols: int = 8) -> None:
+        save_grid(np.asarray(tokens).reshape(-1, self.h, self.w), path, cols)
 
     def write_pictures(self, samples_path: str, out_dir: str) -> list[str]:
-        """``grid.png``: the first 64 samples (8 x 8); ``real.png``: 64 held-out digits beside them."""
+        """``grid.png``: the first 64 samples (8 x 8; balanced class-conditional samples: 8 rows of one
+        column per class); ``real.png``: 64 held-out digits beside them."""
         from ..components.paths import data_dir
         from ..data.shards import iter_shards
 
-        out = [save_grid(read_sample_images(samples_path, self.h, self.w)[:self.GRID], os.path.join(out_dir, "grid.png"))]
+        # balanced class-conditional samples (sample i is class i % C): one column per class
+        cols = self.cfg.data.num_classes if (self.cfg.data.num_classes and self.cfg.sample.label < 0) else 8
+        out = [save_grid(read_sample_images(samples_path, self.h, self.w)[:cols * 8], os.path.join(out_dir, "grid.png"),
+                         cols)]
         real = []
         for samples in iter_shards(data_dir(self.cfg), "heldout", fields=["tokens"]):
             real += [s["tokens"] for s in samples]

@@ -112,7 +112,7 @@ def evaluate_guidance(cfg, domain, net, cls_info: dict, ref: np.ndarray, out_dir
                "fd_classifier": frechet_distance(net, ref, toks),
                "accuracy": class_stats(net, toks, labels)["accuracy"], "sec_per_1k": 1000.0 * dt / n,
                "reward_accuracy": None if reward is None else class_stats(reward.net, toks, labels)["accuracy"]}
-        domain.write_grid(toks[:64], os.path.join(out_dir, "grids", f"guidance_{name}.png"))
+        domain.write_grid(toks[:8 * C], os.path.join(out_dir, "grids", f"guidance_{name}.png"), C)  # a column per class
         log.info("guidance %s: FD %.1f, accuracy %.3f, NFE %d, %.2f s / 1k samples", name, row["fd_classifier"],
                  row["accuracy"], nfe, row["sec_per_1k"])
         rows.append(row)
