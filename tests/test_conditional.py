@@ -229,15 +229,21 @@ def test_sampled_records_carry_labels_and_do_not_depend_on_the_batch_size(kind):
 
 
 def test_conditional_mnist_run_through_the_real_stages(tmp_path):
-    """preprocess -> stage_a -> pair_store -> stage_b -> sample on 300 real digits with a few steps per
-    stage: the Stage A export and the generator export record 10 classes, the pair store carries
-    every label, the samples of sample.label=7 with CFG carry label 7."""
+    """The guidance demo's pipeline (preprocess -> stage_a -> pair_store -> stage_b -> classifier ->
+    finetune -> sample -> evaluate) on 300 real digits with a few steps per stage: the Stage A export
+    and the generator export record 10 classes, the pair store carries every label, the samples of
+    sample.label=7 with CFG carry label 7, the guidance table has its rows."""
     run = tmp_path / "run"
     small = ["stage_a.flow.layers=2", "stage_a.flow.hidden=32", "stage_a.decoder.width=64", "stage_a.decoder.depth=1",
              "stage_a.decoder.ffn=128"]
     proc = run_module("coupling_dist.pipeline", "--config", GUIDANCE_DEMO, f"run.dir={run}", "data.max_samples=300",
                       "stage_a.train.steps=6", "stage_a.train.warmup_steps=1", "stage_b.train.steps=4",
-                      "sample.num_samples=8", "sample.label=7", "run.progress=false", *small, timeout=900)
+                      "sample.num_samples=8", "sample.label=7", "run.progress=false", *small,
+                      # the guidance stages of the demo's pipeline, tiny: reward classifier, fine-tuning, the table
+                      "classifier.steps=20", "finetune.train.steps=3", "evaluate.classifier_steps=20",
+                      "evaluate.num_samples=20", "evaluate.reference_samples=100", "evaluate.guidance.cfg_scales=[0,2]",
+                      "evaluate.guidance.classifier_step_sizes=[3.0]", "evaluate.guidance.classifier_steps=[2]",
+                      timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads((run / "stage_a/export/config.json").read_text())["num_classes"] == 10
     gen_meta = json.loads((run / "stage_b/export/config.json").read_text())["meta"]
@@ -250,3 +256,8 @@ def test_conditional_mnist_run_through_the_real_stages(tmp_path):
     assert pairs == src and len(set(pairs.values())) == 10
     recs = [json.loads(line) for line in (run / "sample/samples.jsonl").read_text().splitlines()]
     assert len(recs) == 8 and {r["label"] for r in recs} == {7} and recs[0]["settings"]["guidance"] == "cfg"
+    # the pipeline ran the reward classifier and fine-tuning, and evaluate wrote the guidance table
+    assert (run / "classifier/export/feature_net.json").is_file()
+    assert json.loads((run / "finetune/export/config.json").read_text())["meta"]["num_classes"] == 10
+    rows = json.loads((run / "eval/guidance.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["cfg_s0", "cfg_s2", "classifier_K2_eta3", "finetune"]
