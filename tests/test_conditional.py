@@ -2,7 +2,7 @@
 are the conditional / unconditional logits exactly for every generator kind, label -1 is the null
 class, conditioning dropout is a function of (seed, step, rank), exports keep num_classes, an
 unconditional model refuses labels, the pair store carries labels, sampled records carry labels
-and do not depend on the batch size; and a small conditional run through the real stages (~50 s)."""
+and do not depend on the batch size; and a small conditional run through the real stages (slow)."""
 from __future__ import annotations
 
 import dataclasses
@@ -228,6 +228,7 @@ def test_sampled_records_carry_labels_and_do_not_depend_on_the_batch_size(kind):
     assert "label" not in rec0 and "guidance" not in rec0["settings"]
 
 
+@pytest.mark.slow  # eight stage processes (about 2 min on 2 idle cores)
 def test_conditional_mnist_run_through_the_real_stages(tmp_path):
     """The guidance demo's pipeline (preprocess -> stage_a -> pair_store -> stage_b -> classifier ->
     finetune -> sample -> evaluate) on 300 real digits with a few steps per stage: the Stage A export
