@@ -19,6 +19,22 @@ LOG = get_logger("training")
 HELDOUT_SPLITS = ("heldout", "valid", "validation", "test")
 
 
+def start_training_rank(cfg, stage: str, tp: int, checked_task_info, log) -> tuple[dict, object]:
+    """The prologue of a rank of a Trainer stage (Stage B, finetune): the process group, the stage's
+    log, its pre-flight (``checked_task_info(cfg, world)``: raises on bad inputs) and the TP x DP
+    layout. Returns (task_info, ParallelDims)."""
+    from ..distributed.parallelize import build_parallel_dims
+    from .logging import setup_logging
+
+    info = D.init_distributed()
+    setup_logging(stage_dir(cfg, stage), info["rank"])
+    task_info = checked_task_info(cfg, D.world_size())
+    dims = build_parallel_dims(tp, seed=cfg.run.seed)
+    if dims.mpu is not None:
+        log.info("parallel layout: %s", dims.mpu.describe())
+    return task_info, dims
+
+
 def build_loaders(shard_dir: str, fields: list[str], batch_size: int, cfg, dp_rank: int, dp_world: int):
     """(train loader, held-out loader or None) over ``shard_dir``."""
     from ..data.loader import ShardLoader

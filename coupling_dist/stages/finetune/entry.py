@@ -16,12 +16,10 @@ format (its meta records the source export, the reward and the objective's setti
 """
 from __future__ import annotations
 
-from ...components import dist as D
-from ...components.logging import get_logger, setup_logging
-from ...components.paths import finetune_export, stage_dir
-from ...components.training import train_and_export
+from ...components.logging import get_logger
+from ...components.paths import finetune_export
+from ...components.training import start_training_rank, train_and_export
 from ...config import Config
-from ...distributed.parallelize import build_parallel_dims
 from .preflight import checked_task_info
 from .task import FinetuneTask
 
@@ -30,12 +28,7 @@ LOG = get_logger("finetune")
 
 def train(cfg: Config) -> dict:
     """One rank of reward fine-tuning (any launcher)."""
-    info = D.init_distributed()
-    setup_logging(stage_dir(cfg, "finetune"), info["rank"])
-    task_info = checked_task_info(cfg, D.world_size())
-    dims = build_parallel_dims(cfg.finetune.tp, seed=cfg.run.seed)
-    if dims.mpu is not None:
-        LOG.info("parallel layout: %s", dims.mpu.describe())
+    task_info, dims = start_training_rank(cfg, "finetune", cfg.finetune.tp, checked_task_info, LOG)
     LOG.info("fine-tuning %s (%d classes) against the reward %s", task_info["export"], task_info["num_classes"],
              task_info["reward"])
     task = FinetuneTask(cfg, task_info, dims)

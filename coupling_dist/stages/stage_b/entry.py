@@ -15,12 +15,10 @@ config.json). Preemption (SIGTERM/SIGUSR1): checkpoint, exit 143/138.
 """
 from __future__ import annotations
 
-from ...components import dist as D
-from ...components.logging import get_logger, setup_logging
-from ...components.paths import generator_export, stage_dir
-from ...components.training import build_loaders, train_and_export
+from ...components.logging import get_logger
+from ...components.paths import generator_export
+from ...components.training import build_loaders, start_training_rank, train_and_export
 from ...config import Config
-from ...distributed.parallelize import build_parallel_dims
 from .preflight import checked_task_info
 from .task import StageBTask
 
@@ -29,12 +27,7 @@ LOG = get_logger("stage_b")
 
 def train(cfg: Config) -> dict:
     """One rank of Stage B training (any launcher)."""
-    info = D.init_distributed()
-    setup_logging(stage_dir(cfg, "stage_b"), info["rank"])
-    task_info = checked_task_info(cfg, D.world_size())
-    dims = build_parallel_dims(cfg.stage_b.tp, seed=cfg.run.seed)
-    if dims.mpu is not None:
-        LOG.info("parallel layout: %s", dims.mpu.describe())
+    task_info, dims = start_training_rank(cfg, "stage_b", cfg.stage_b.tp, checked_task_info, LOG)
     task = StageBTask(cfg, task_info, dims)
     # TP ranks of one group read the same data: the loaders are sharded by the DP rank only
     loaders = build_loaders(task_info["store"], task.fields(), cfg.stage_b.train.batch_size, cfg,
