@@ -30,9 +30,11 @@ def gather_vocab(x: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts, -1)
 
 
-def check_tp(tp: int, kind: str, num_classes: int = 0) -> dict:
+def check_tp(tp: int, kind: str, num_classes: int = 0, patch: int = 1) -> dict:
     """TP = tp vs TP = 1 from the same initial weights: logits, loss, every gradient (with
-    ``num_classes`` > 0 a class-conditional generator fed labels, one of them the null class)."""
+    ``num_classes`` > 0 a class-conditional generator fed labels, one of them the null class; with
+    ``patch`` > 1 ``patch`` tokens per latent position through the replicated ``unpatch`` layer, the
+    binary-image / DNA shape)."""
     import copy
 
     from coupling_dist.config import GeneratorConfig
@@ -46,10 +48,11 @@ def check_tp(tp: int, kind: str, num_classes: int = 0) -> dict:
     gcfg = GeneratorConfig(kind=kind, width=32, depth=2, heads=4, ffn=64, act="swiglu" if kind == "onestep" else "gelu",
                            norm="rmsnorm" if kind == "onestep" else "layernorm", attention="sdpa")
     torch.manual_seed(1234)
-    ref = Generator(gcfg, d, T, V, mask_token_id=V - 1 if kind == "masked" else None, num_classes=num_classes)
+    ref = Generator(gcfg, d, T, V, mask_token_id=V - 1 if kind == "masked" else None, num_classes=num_classes,
+                    patch=patch)
     model = apply_tensor_parallel(copy.deepcopy(ref), group)
     g = torch.Generator().manual_seed(7)  # same batch on every rank (a TP group sees one batch)
-    z = torch.randn(3, T, d, generator=g)
+    z = torch.randn(3, T // patch, d, generator=g)
     tok = torch.randint(0, V - 1, (3, T), generator=g)
     mask = torch.ones(3, T, dtype=torch.bool)
     mask[1, 4:] = False
@@ -149,6 +152,7 @@ def main() -> int:
     if what == "tp":
         res = {kind: check_tp(tp, kind) for kind in ("onestep", "masked")}
         res["masked_conditional"] = check_tp(tp, "masked", num_classes=3)
+        res["onestep_patch_conditional"] = check_tp(tp, "onestep", num_classes=3, patch=2)
         res["rng"] = check_rng_tracker()
     elif what == "kd":
         res = check_kd(tp)

@@ -22,10 +22,11 @@ def tp2(tmp_path_factory):
     return res
 
 
-@pytest.mark.parametrize("kind", ["onestep", "masked", "masked_conditional"])
+@pytest.mark.parametrize("kind", ["onestep", "masked", "masked_conditional", "onestep_patch_conditional"])
 def test_tp2_matches_tp1(tp2, kind):
     """masked_conditional: a class-conditional denoiser fed labels (its replicated class embedding
-    gets the same gradient on both TP ranks)."""
+    gets the same gradient on both TP ranks); onestep_patch_conditional: 2 tokens per latent position
+    (the replicated ``unpatch`` layer, as MNIST's 16 and DNA's 20) with classes."""
     for r, res in enumerate(tp2):
         c = res[kind]
         # the layers really are sharded megatron-core layers
