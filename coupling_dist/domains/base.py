@@ -25,7 +25,9 @@ Adding a domain: a module with a ``Domain`` subclass, its name in ``DOMAINS`` an
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import math
 from typing import Iterator, Optional
 
@@ -134,6 +136,32 @@ class LabelledCodecDomain(Domain):
     and the records at sample time, the label is the shard field ``label``, and the heads need no
     1024-row layout."""
     codec = None
+    # the words of the shared refusals (check_config): the encoder Stage A learns, what no teacher LM
+    # exists for, and why a compact vocabulary has nothing to do
+    learned_encoder = "token"
+    no_teacher_for = "this domain"
+    alphabet_note = "a handful of ids"
+
+    def check_config(self) -> None:
+        """Refusals every labelled small-alphabet domain shares (``ConfigError`` naming the key);
+        subclasses check their own keys first, then call this."""
+        from ..config import ConfigError
+
+        c, n = self.cfg, self.name
+        if c.encoder.model is not None:
+            raise ConfigError(f"'encoder.model' must be null for data.domain {n} (Stage A learns the "
+                              f"{self.learned_encoder} encoder, as the paper does)")
+        if c.stage_b.kd.teacher is not None:
+            raise ConfigError(f"'stage_b.kd.teacher' must be null for data.domain {n} (no teacher LM for "
+                              f"{self.no_teacher_for})")
+        if c.data.vocab != "full":
+            raise ConfigError(f"'data.vocab' must be full for data.domain {n} ({self.alphabet_note}: nothing to compact)")
+
+    @staticmethod
+    def hashed_identity(ident: dict) -> dict:
+        """``ident`` with its ``hash`` (sha256 of its sorted JSON, 16 hex digits): what the shards record."""
+        ident["hash"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+        return ident
 
     def item_codec(self):
         return self.codec

@@ -21,7 +21,6 @@ for Inception (whose weights cannot be fetched here), plus the classifier's conf
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import math
 import os
@@ -148,6 +147,7 @@ class BinaryImageDomain(LabelledCodecDomain):
     feature_net = "digit2d"
     n_classes = 10
     GRID = 64  # digits per picture (8 x 8)
+    learned_encoder, no_teacher_for, alphabet_note = "pixel", "pixels", "two ids"
     eval_outputs = (("metrics table", "results.csv"), ("results table", "results.md"), ("series pictures", "grids"))
 
     def __init__(self, cfg):
@@ -165,20 +165,13 @@ class BinaryImageDomain(LabelledCodecDomain):
         if c.data.seq_len != self.h * self.w:
             raise ConfigError(f"'data.seq_len' = {c.data.seq_len}: data.domain binary_image has {self.h}x{self.w} = "
                               f"{self.h * self.w} pixels per sample")
-        if c.encoder.model is not None:
-            raise ConfigError("'encoder.model' must be null for data.domain binary_image (Stage A learns the pixel "
-                              "encoder, as the paper does)")
-        if c.stage_b.kd.teacher is not None:
-            raise ConfigError("'stage_b.kd.teacher' must be null for data.domain binary_image (no teacher LM for pixels)")
-        if c.data.vocab != "full":
-            raise ConfigError("'data.vocab' must be full for data.domain binary_image (two ids: nothing to compact)")
+        super().check_config()
 
     def tokenizer_identity(self) -> dict:
         ident = {"name": f"binary-image:{self.h}x{self.w}:patch{self.p}x{self.p}", "vocab_size": 2, "eos_id": None,
                  "pad_id": None, "fixed_length": True, "image": [self.h, self.w], "patch_side": self.p,
                  "threshold": 0.5}
-        ident["hash"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-        return ident
+        return self.hashed_identity(ident)
 
     def iter_items(self, files: list[str], limit: Optional[int] = None) -> Iterator[tuple[np.ndarray, int]]:
         n = 0

@@ -33,7 +33,6 @@ DeepFlyBrain classifier is not obtainable), plus per series the k-mer spectrum J
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -207,6 +206,7 @@ class DnaDomain(LabelledCodecDomain):
                      "gc_mean", "gc_std", "gc_w1")
     summary_columns = (("kmer_js_mean", "k-mer JS"), ("gc_w1", "GC W1"))
     eval_outputs = (("metrics table", "results.csv"), ("results table", "results.md"), ("k-mer plot", "kmer_js.png"))
+    learned_encoder, no_teacher_for, alphabet_note = "base", "DNA", "four ids"
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -214,23 +214,15 @@ class DnaDomain(LabelledCodecDomain):
         self.codec = DnaCodec()
 
     def check_config(self) -> None:
-        c = self.cfg
         if self.length < MIN_LENGTH:
             raise ConfigError(f"'data.seq_len' = {self.length}: data.domain dna needs >= {MIN_LENGTH} bases (the "
                               f"evaluation classifier's receptive field); the demo and the paper use 500")
-        if c.encoder.model is not None:
-            raise ConfigError("'encoder.model' must be null for data.domain dna (Stage A learns the base encoder, as "
-                              "the paper does)")
-        if c.stage_b.kd.teacher is not None:
-            raise ConfigError("'stage_b.kd.teacher' must be null for data.domain dna (no teacher LM for DNA)")
-        if c.data.vocab != "full":
-            raise ConfigError("'data.vocab' must be full for data.domain dna (four ids: nothing to compact)")
+        super().check_config()
 
     def tokenizer_identity(self) -> dict:
         ident = {"name": f"dna:{ALPHABET}:len{self.length}", "vocab_size": 4, "eos_id": None, "pad_id": None,
                  "fixed_length": True, "alphabet": ALPHABET, "length": self.length}
-        ident["hash"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-        return ident
+        return self.hashed_identity(ident)
 
     def iter_items(self, files: list[str], limit: Optional[int] = None) -> Iterator[tuple[np.ndarray, int]]:
         n = 0
