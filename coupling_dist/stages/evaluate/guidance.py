@@ -45,11 +45,12 @@ def _settings(cfg):
         s = float(s)
         mech = {0.0: "unconditional", 1.0: "conditional"}.get(s, "cfg")
         yield f"cfg_s{s:g}", mech, s, 1 if s in (0.0, 1.0) else 2, "generator", dict(guidance="cfg", cfg_scale=s)
+    from ...guidance.latent import latent_guidance_settings
+
+    algo5 = {k: v for k, v in latent_guidance_settings(cfg).items() if k != "path"}  # relaxation, tau
     for k in g.classifier_steps:
         for eta in g.classifier_step_sizes:
-            c = cfg.sample.classifier
-            over = dict(guidance="classifier", classifier={"steps": int(k), "step_size": float(eta),
-                                                           "relaxation": c.relaxation, "tau": float(c.tau)})
+            over = dict(guidance="classifier", classifier=dict(algo5, steps=int(k), step_size=float(eta)))
             yield f"classifier_K{int(k)}_eta{float(eta):g}", "classifier", float(eta), int(k) + 1, "generator", over
     if g.finetune_series:
         yield "finetune", "finetune", None, 1, "finetune", dict(guidance="none")
