@@ -143,6 +143,13 @@ class FlowConfig:
     depth: int = _f(1, gt=0)  # transformer blocks per conditioner
     heads: int = _f(4, gt=0)
     scale_bound: float = _f(2.0, gt=0)  # tanh bound on log-scales
+    # realnvp only. transformer: channel-split couplings, a transformer over positions (any length).
+    # mlp: couplings over the flattened [positions x latent_dim] block with an MLP conditioner
+    # (depth hidden layers of width hidden): a fixed length, far cheaper per parameter on CPU
+    # (docs/QUALITY_RESEARCH.md, finding 12)
+    conditioner: str = _f("transformer", choices=("transformer", "mlp"))
+    # latent positions the mlp conditioner is built for; left out, it is data.seq_len / stage_a.patch
+    positions: Optional[int] = _f(None, gt=0)
 
 
 @dataclass
@@ -568,6 +575,9 @@ def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> C
     if overrides:
         where = f"{where} (with overrides)"
     cfg = _build(Config, data, "", where)
+    fl = cfg.stage_a.flow
+    if fl.conditioner == "mlp" and fl.positions is None and cfg.data.seq_len % cfg.stage_a.patch == 0:
+        fl.positions = cfg.data.seq_len // cfg.stage_a.patch  # derived (recorded in the Stage A export)
     from .config_checks import cross_checks  # the rules between keys (this module holds the schema)
 
     cross_checks(cfg, where)

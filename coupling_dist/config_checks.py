@@ -10,7 +10,16 @@ def cross_checks(cfg: Config, where: str) -> None:
     """Refuse combinations of keys that each pass their own field's check (``ConfigError`` naming
     the keys and ``where``: the file, and whether overrides were applied)."""
     a = cfg.stage_a
-    if a.flow.hidden % a.flow.heads:
+    fl = a.flow
+    if fl.conditioner == "mlp":
+        if fl.kind != "realnvp":
+            raise ConfigError(f"{where}: 'stage_a.flow.conditioner: mlp' is a RealNVP conditioner; "
+                              f"'stage_a.flow.kind' is {fl.kind!r}")
+        if cfg.data.seq_len % a.patch == 0 and fl.positions != cfg.data.seq_len // a.patch:
+            raise ConfigError(f"{where}: 'stage_a.flow.positions' ({fl.positions}) must be 'data.seq_len' / "
+                              f"'stage_a.patch' = {cfg.data.seq_len // a.patch} (the latent positions the "
+                              f"mlp conditioner sees; leave it out to derive it)")
+    elif a.flow.hidden % a.flow.heads:
         raise ConfigError(f"{where}: 'stage_a.flow.hidden' ({a.flow.hidden}) must be divisible by 'stage_a.flow.heads' ({a.flow.heads})")
     if a.latent_dim < 2:
         raise ConfigError(f"{where}: 'stage_a.latent_dim' must be >= 2 for channel-split couplings")

@@ -22,7 +22,9 @@ def test_bench_quality_quick_runs_every_row(tmp_path):
     res = json.load(open(out / "results.json"))
     rows = res["rows"]
     assert rows["data (held-out)"]["valid"] == 1.0 and rows["factorized baseline"]["valid"] < 0.02
-    assert {"Stage A only, greedy, s=0.5", "one-step, greedy, s=0.5", "P2-self K=4, greedy, s=0.5"} <= set(rows)
+    assert {"Stage A only, greedy, s=0.7", "one-step, greedy, s=0.7", "one-step, greedy, s=0.5",
+            "one-step, greedy, s=0.8", "P2-self K=4, greedy, s=0.7"} <= set(rows)
+    assert res["args"]["flow_conditioner"] == "mlp" and 0 < res["times_s"]["to_one_step_rows"] < res["times_s"]["total"]
     assert all(r["n"] == 200 for name, r in rows.items() if name != "data (held-out)")
     assert [c["step"] for c in res["curve"]] == [0, 20, 40]
     assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

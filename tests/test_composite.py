@@ -1,6 +1,7 @@
 """The token-embedding Stage A encoder and the composite one-step generator G = D(NF^-1(z))."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from coupling_dist.losses.kd_loss import sequence_loss
@@ -11,9 +12,9 @@ from coupling_dist.models.stage_a_export import export_stage_a, load_stage_a
 from test_stage_a_model import D, T, V, batch, tiny_cfg
 
 
-def trained_looking_stage_a(seed: int = 0) -> StageAModel:
+def trained_looking_stage_a(seed: int = 0, kind: str = "realnvp") -> StageAModel:
     torch.manual_seed(seed)
-    model = StageAModel(0, V, tiny_cfg())
+    model = StageAModel(0, V, tiny_cfg(kind))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)  # non-identity flow, non-zero decoder
@@ -48,8 +49,9 @@ def test_token_embedding_encoder_learns_and_round_trips(tmp_path):
         assert torch.equal(model.encode_latent(tokens, mask, eps), loaded.encode_latent(tokens, mask, eps))
 
 
-def test_composite_starts_as_stage_a_map_and_trains_through_the_chunked_loss(tmp_path):
-    stage_a = trained_looking_stage_a()
+@pytest.mark.parametrize("kind", ["realnvp", "realnvp_mlp"])
+def test_composite_starts_as_stage_a_map_and_trains_through_the_chunked_loss(tmp_path, kind):
+    stage_a = trained_looking_stage_a(kind=kind)
     rows = 64  # Stage B pads its head beyond Stage A's V rows
     gen = CompositeGenerator(composite_arch(stage_a.cfg), D, T, rows)
     gen.load_stage_a(stage_a.state_dict())
@@ -77,7 +79,6 @@ def test_composite_starts_as_stage_a_map_and_trains_through_the_chunked_loss(tmp
 def test_composite_preflight_refuses_what_it_cannot_build(tmp_path):
     """The composite starts from the pair store's own Stage A export: a moved/changed export, a
     TarFlow (sequential inverse) or stage_b.tp > 1 are refused with the key and the fix."""
-    import pytest
 
     from conftest import demo_cfg
     from coupling_dist.components.preflight import PreflightError

@@ -26,6 +26,7 @@ def test_valid_demo_and_overrides():
     ("data.seq_len", r"override 'data\.seq_len' must look like dotted\.key=value"),
     ("data..x=1", r"override 'data\.\.x=1' has an empty key part"),
     ("data.seq_len.x=1", r"'seq_len' is not a section"),
+    ("stage_a.flow.conditioner=conv", r"'stage_a\.flow\.conditioner' = 'conv' must be one of"),
 ])
 def test_errors_name_the_key(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -63,3 +64,17 @@ def test_a_section_keeps_its_own_defaults_for_the_keys_a_file_leaves_out(tmp_pat
     assert (t.steps, t.lr, t.ema_decay) == (40, 2e-4, None)
     t = load_config(None, ["finetune.train.steps=6", "finetune.train.lr=1e-3"]).finetune.train
     assert (t.steps, t.lr, t.warmup_steps, t.weight_decay, t.betas, t.schedule) == (6, 1e-3, 0, 0.0, [0.9, 0.95], "constant")
+
+
+def test_mlp_flow_conditioner_derives_its_positions_and_refuses_a_mismatch():
+    """stage_a.flow.conditioner: mlp is built for data.seq_len / stage_a.patch positions: derived when
+    left out, and a stated value that disagrees (or a TarFlow) is refused naming the keys."""
+    cfg = load_config(DEMO, ["stage_a.flow.conditioner=mlp"])
+    assert cfg.stage_a.flow.positions == cfg.data.seq_len
+    cfg = load_config(DEMO, ["stage_a.flow.conditioner=mlp", "data.seq_len=32", "stage_a.patch=4"])
+    assert cfg.stage_a.flow.positions == 8
+    assert load_config(DEMO).stage_a.flow.positions is None  # the transformer conditioner has any length
+    with pytest.raises(ConfigError, match=r"'stage_a\.flow\.positions' \(5\) must be 'data\.seq_len' / 'stage_a\.patch'"):
+        load_config(DEMO, ["stage_a.flow.conditioner=mlp", "stage_a.flow.positions=5"])
+    with pytest.raises(ConfigError, match=r"conditioner: mlp' is a RealNVP conditioner; 'stage_a\.flow\.kind' is 'tarflow'"):
+        load_config(DEMO, ["stage_a.flow.conditioner=mlp", "stage_a.flow.kind=tarflow"])

@@ -1,4 +1,5 @@
-"""Stage A flows (RealNVP, TarFlow): exact inverse, exact log-det, pads, Gaussian NLL at init."""
+"""Stage A flows (RealNVP with transformer or MLP conditioners, TarFlow): exact inverse, exact
+log-det, pads, Gaussian NLL at init."""
 from __future__ import annotations
 
 import math
@@ -9,18 +10,23 @@ import torch
 from coupling_dist.models.realnvp import RealNVP
 from coupling_dist.models.tarflow import TarFlow
 
-FLOWS = {"realnvp": RealNVP, "tarflow": TarFlow}
+# name -> factory(dim, positions, **kw): the MLP conditioner is built for a fixed length
+FLOWS = {"realnvp": lambda d, T, **kw: RealNVP(d, **kw),
+         "realnvp_mlp": lambda d, T, **kw: RealNVP(d, conditioner="mlp", positions=T, **kw),
+         "tarflow": lambda d, T, **kw: TarFlow(d, **kw)}
 
 
-def make_flow(kind: str, dim: int = 4, layers: int = 4, seed: int = 0, perturb: float = 0.3):
+def make_flow(kind: str, dim: int = 4, layers: int = 4, seed: int = 0, perturb: float = 0.3, T: int = 6,
+              depth: int = 1):
     """A tiny float64 flow; the zero-initialised output layers are perturbed so that the flow is
     not the identity (otherwise the inverse/log-det checks would be trivial)."""
     torch.manual_seed(seed)
-    flow = FLOWS[kind](dim, layers=layers, hidden=16, depth=1, heads=2, scale_bound=2.0).double()
+    flow = FLOWS[kind](dim, T, layers=layers, hidden=16, depth=depth, heads=2, scale_bound=2.0).double()
     with torch.no_grad():
         for layer in flow.layers:
-            layer.cond.out.weight.normal_(0, perturb)
-            layer.cond.out.bias.normal_(0, perturb)
+            out = layer.out if hasattr(layer, "out") else layer.cond.out
+            out.weight.normal_(0, perturb)
+            out.bias.normal_(0, perturb)
     return flow
 
 
@@ -49,7 +55,7 @@ def test_inverse_is_exact(kind, with_pads):
 @pytest.mark.parametrize("kind", list(FLOWS))
 @pytest.mark.parametrize("with_pads", [False, True])
 def test_logdet_matches_autograd_jacobian(kind, with_pads):
-    flow = make_flow(kind, dim=4, layers=3, seed=1)
+    flow = make_flow(kind, dim=4, layers=3, seed=1, T=5, depth=2)
     T, d = 5, 4
     u = torch.randn(1, T, d, dtype=torch.float64)
     mask = pad_mask(1, T, [3]) if with_pads else None
@@ -67,7 +73,7 @@ def test_logdet_matches_autograd_jacobian(kind, with_pads):
 
 @pytest.mark.parametrize("kind", list(FLOWS))
 def test_pads_do_not_affect_real_outputs(kind):
-    flow = make_flow(kind, seed=2)
+    flow = make_flow(kind, seed=2, T=7)
     B, T, d = 2, 7, 4
     mask = pad_mask(B, T, [7, 4])
     u = torch.randn(B, T, d, dtype=torch.float64)
@@ -76,10 +82,12 @@ def test_pads_do_not_affect_real_outputs(kind):
     with torch.no_grad():
         z1, ld1 = flow(u, mask)
         z2, ld2 = flow(u2, mask)
-        # The same real prefix as a shorter, unpadded sequence gives the same outputs.
-        z_short, ld_short = flow(u[1:2, :4], None)
     assert torch.equal(z1[1, :4], z2[1, :4]) or torch.allclose(z1[1, :4], z2[1, :4], atol=1e-12)
     assert torch.allclose(ld1, ld2, atol=1e-12)
+    if kind == "realnvp_mlp":
+        return  # built for 7 positions: no shorter sequence to compare with
+    with torch.no_grad():  # the same real prefix as a shorter, unpadded sequence gives the same outputs
+        z_short, ld_short = flow(u[1:2, :4], None)
     assert torch.allclose(z1[1, :4], z_short[0], atol=1e-10)
     assert ld1[1].item() == pytest.approx(ld_short[0].item(), abs=1e-10)
 
@@ -89,7 +97,7 @@ def test_identity_init_gaussian_nll_is_analytic(kind):
     """At init (zero last layers) the flow is the identity, so the NLL of N(0, I) data is the
     Gaussian entropy 0.5 * log(2 pi e) nats per dim (up to sampling error)."""
     torch.manual_seed(3)
-    flow = FLOWS[kind](8, layers=4, hidden=16, depth=1, heads=2).double()
+    flow = FLOWS[kind](8, 16, layers=4, hidden=16, depth=1, heads=2).double()
     u = torch.randn(256, 16, 8, dtype=torch.float64)
     with torch.no_grad():
         z, logdet = flow(u)
@@ -97,3 +105,20 @@ def test_identity_init_gaussian_nll_is_analytic(kind):
     nll = (0.5 * z.pow(2) + 0.5 * math.log(2 * math.pi)).sum(dim=(1, 2)) - logdet
     per_dim = nll.mean().item() / (16 * 8)
     assert per_dim == pytest.approx(0.5 * math.log(2 * math.pi * math.e), abs=0.01)
+
+
+def test_mlp_conditioner_couples_every_position_and_refuses_another_length():
+    """The MLP couplings see the whole flattened block: an output at the first position moves when
+    only the last position's input moves (over two couplings every element is transformed once);
+    a batch of another length is refused with the key to set, not silently mis-shaped."""
+    flow = make_flow("realnvp_mlp", T=6)
+    u = torch.randn(2, 6, 4, dtype=torch.float64)
+    u2 = u.clone()
+    u2[:, -1] += 1.0
+    with torch.no_grad():
+        z1, z2 = flow(u)[0], flow(u2)[0]
+    assert (z1[:, 0] - z2[:, 0]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="6 latent positions.*data.seq_len / stage_a.patch"):
+        flow(torch.randn(2, 5, 4, dtype=torch.float64))
+    halves = [layer.keep_idx for layer in flow.layers[:2]]
+    assert sorted(torch.cat(halves).tolist()) == list(range(24))  # a pair of couplings: complementary halves

@@ -155,3 +155,18 @@ def test_plan_of_a_patched_image_run(tmp_path):
     per_sample = arts["pair_store", "pair store"].bytes / 1000
     assert z_raw < per_sample < z_raw + 784 * 5 + 3 * 1024  # + tokens, mask and tar headers, never 784 latents
     assert arts["stage_a", "export"].bytes < 8e6  # ~1.4 M params: no 151k-row head
+
+
+def test_plan_of_an_mlp_flow_conditioner(tmp_path):
+    """stage_a.flow.conditioner mlp: the planner builds the model on the meta device (the coupling
+    halves are index buffers made on the CPU) and counts the MLP flow's parameters in the export."""
+    from coupling_dist.models.realnvp import RealNVP
+
+    over = [f"run.dir={tmp_path}", "stage_a.flow.conditioner=mlp", "stage_a.flow.hidden=256", "stage_a.flow.depth=2"]
+    cfg = load_config("configs/mnist_demo.yaml", over)
+    assert cfg.stage_a.flow.positions == 49
+    arts = _by_name(build_plan(cfg, "configs/mnist_demo.yaml", samples=1000))
+    fc = cfg.stage_a.flow
+    flow = RealNVP(cfg.stage_a.latent_dim, layers=fc.layers, hidden=256, depth=2, conditioner="mlp", positions=49)
+    n_flow = sum(p.numel() for p in flow.parameters())
+    assert n_flow > 1e6 and arts["stage_a", "export"].bytes > 4 * n_flow

@@ -15,8 +15,10 @@ H, V, T, D = 12, 50, 8, 6
 
 
 def tiny_cfg(kind: str = "realnvp", **kw) -> StageAConfig:
-    return StageAConfig(latent_dim=D, noise_scale=0.2,
-                        flow=FlowConfig(kind=kind, layers=2, hidden=16, depth=1, heads=2),
+    """``kind`` "realnvp_mlp": RealNVP with the MLP conditioner over the T x D block."""
+    flow = (FlowConfig(kind="realnvp", conditioner="mlp", positions=T, layers=2, hidden=16, depth=2)
+            if kind == "realnvp_mlp" else FlowConfig(kind=kind, layers=2, hidden=16, depth=1, heads=2))
+    return StageAConfig(latent_dim=D, noise_scale=0.2, flow=flow,
                         decoder=DecoderConfig(width=16, depth=1, heads=2, ffn=32),
                         train=TrainConfig(steps=100, warmup_steps=0), **kw)
 
@@ -48,7 +50,7 @@ def pads_changed(kind: str, pad_positions: str):
     return model, eps, (feats, tokens, mask, m1), (f2, t2, m2), pad
 
 
-@pytest.mark.parametrize("kind", ["realnvp", "tarflow"])
+@pytest.mark.parametrize("kind", ["realnvp", "realnvp_mlp", "tarflow"])
 def test_passthrough_ablation_pads_do_not_affect_loss_or_real_latents(kind):
     """The "passthrough" ablation (our earlier design): pads are noise the flow passes through."""
     model, eps, (feats, tokens, mask, (l1, m1)), (f2, t2, (l2, m2)), pad = pads_changed(kind, "passthrough")
@@ -64,7 +66,7 @@ def test_passthrough_ablation_pads_do_not_affect_loss_or_real_latents(kind):
     assert torch.equal(u1[pad], eps[pad]) and torch.equal(z1[pad], eps[pad])
 
 
-@pytest.mark.parametrize("kind", ["realnvp", "tarflow"])
+@pytest.mark.parametrize("kind", ["realnvp", "realnvp_mlp", "tarflow"])
 def test_every_position_is_encoded_and_scored(kind):
     """The paper's design (Algorithm 1): what stands at the pads changes the loss and the latents
     (z carries the length), and the flow runs without a mask: z = flow(u) on the whole block."""
@@ -131,7 +133,7 @@ def test_feature_stats_estimation_and_use():
     assert normed.mean(0).abs().max() < 1e-4 and (normed.std(0, unbiased=False) - 1).abs().max() < 1e-3
 
 
-@pytest.mark.parametrize("kind", ["realnvp", "tarflow"])
+@pytest.mark.parametrize("kind", ["realnvp", "realnvp_mlp", "tarflow"])
 def test_loss_decreases_with_a_plain_optimizer(kind):
     torch.manual_seed(3)
     model = StageAModel(H, V, tiny_cfg(kind))
@@ -149,7 +151,7 @@ def test_loss_decreases_with_a_plain_optimizer(kind):
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
 
 
-@pytest.mark.parametrize("kind", ["realnvp", "tarflow"])
+@pytest.mark.parametrize("kind", ["realnvp", "realnvp_mlp", "tarflow"])
 def test_export_load_round_trip(tmp_path, kind):
     torch.manual_seed(4)
     model = StageAModel(H, V, tiny_cfg(kind))

@@ -7,7 +7,7 @@ stage_b, sample: DeepSpeed, the shard store, the samplers) on sentences of the a
 ``tools/grammar_fixtures.py`` (GPT-2 tokenizer, one token per word, compact vocabulary, T = 20) and
 scores samples with the grammar's exact checker, side by side:
 
-- one-step samples of the Stage B generator (greedy and tau = 1, at latent scales 0.5 and 0.8);
+- one-step samples of the Stage B generator (greedy and tau = 1 at latent scale 0.7, greedy at 0.5 and 0.8);
 - few-step P2-self samples (K = 4, 8) of a masked denoiser trained on the same pairs (unless --no-p2);
 - Stage-A-only samples: z ~ N(0, s^2 I) -> inverse flow -> Stage A decoder (what the coupling
   itself generates; Stage B learns to invert the same pairs);
@@ -21,8 +21,10 @@ drawn to ``<out>/learning_curve.png``; ``<out>/results.json`` holds everything.
 
 The recipe is the one docs/QUALITY_RESEARCH.md arrived at: Stage A learns a token embedding
 (``encoder.model: null``), latent width 4, sigma 0.2, lambda_flow 0.5 -> 1 over 5 % (Eq. 1's
-weights), lambda_KL 2.5e-4, RealNVP 8 x 64, decoder 128 x 3; Stage B is the composite generator
-D(NF^-1(z)) warm-started from Stage A (``stage_b.model.kind: composite``) without latent mixing.
+weights), lambda_KL 2.5e-4, RealNVP 8 couplings with the MLP conditioner over the whole [20 x 4]
+latent (hidden 512, 2 layers; ``--flow-conditioner transformer`` gives the 8 x 64 transformer
+conditioner it replaced), decoder 128 x 3; Stage B is the composite generator D(NF^-1(z))
+warm-started from Stage A (``stage_b.model.kind: composite``) without latent mixing.
 """
 from __future__ import annotations
 
@@ -40,6 +42,10 @@ sys.path.insert(0, HERE)
 import grammar_fixtures as G  # noqa: E402
 
 GREEDY_TOP_P = 1e-6  # the nucleus of the single most likely token: argmax decoding
+# Stage A's flow by --flow-conditioner: the MLP conditioner over the whole [20 x 4] latent (the
+# recipe), or the transformer conditioner it replaced (docs/QUALITY_RESEARCH.md, finding 12)
+FLOWS = {"mlp": {"kind": "realnvp", "conditioner": "mlp", "layers": 8, "hidden": 512, "depth": 2, "scale_bound": 2.0},
+         "transformer": {"kind": "realnvp", "layers": 8, "hidden": 64, "depth": 1, "heads": 4, "scale_bound": 2.0}}
 
 
 def config(out: str, a) -> dict:
@@ -53,14 +59,16 @@ def config(out: str, a) -> dict:
         "stage_a": {
             "latent_dim": 4, "noise_scale": 0.2, "lambda_kl": 2.5e-4, "lambda_flow_start": 0.5,
             "lambda_flow_end": 1.0, "flow_anneal_fraction": 0.05,
-            "flow": {"kind": "realnvp", "layers": 8, "hidden": 64, "depth": 1, "heads": 4, "scale_bound": 2.0},
+            "flow": FLOWS[a.flow_conditioner],
             "decoder": {"width": 128, "depth": 3, "heads": 4, "ffn": 256},
             "train": {"steps": sa_steps, "batch_size": 32, "lr": 1e-3, "min_lr_ratio": 0.1, "warmup_steps": min(50, sa_steps // 10),
+                      "ema_decay": 0.999,
                       "zero_stage": 1, "ckpt_interval": max(sa_steps // 3, 1), "eval_interval": max(sa_steps // 6, 1)}},
         "pair_store": {"multiplicity": 1, "dtype": "float32", "batch_size": 512},
         "stage_b": {
             "model": {"kind": a.stage_b_kind}, "kd": {"teacher": None}, "latent_mix_prob": 0.0,
             "train": {"steps": b_total, "batch_size": 32, "lr": 3e-4, "schedule": "constant", "warmup_steps": 0,
+                      "ema_decay": None,  # the live weights: a 300-step fine-tune, and the curve reads each chunk
                       "zero_stage": 1, "ckpt_interval": a.curve_every, "eval_interval": a.curve_every}},
         "sample": {"num_samples": a.samples, "batch_size": 500, "top_p": 1.0, "temperature": 1.0},
     }
@@ -129,14 +137,17 @@ def main() -> None:
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_quality"))
     p.add_argument("--sentences", type=int, default=8000)
     p.add_argument("--heldout-fraction", type=float, default=0.05)
-    p.add_argument("--stage-a-steps", type=int, default=6000)
+    p.add_argument("--stage-a-steps", type=int, default=15000)
     p.add_argument("--stage-b-steps", type=int, default=300)
     p.add_argument("--stage-b-kind", default="composite", choices=("composite", "onestep"))
+    p.add_argument("--flow-conditioner", default="mlp", choices=tuple(FLOWS))
     p.add_argument("--curve-every", type=int, default=100)
     p.add_argument("--p2-steps", type=int, default=1500, help="masked denoiser steps for the P2-self rows")
     p.add_argument("--no-p2", action="store_true")
     p.add_argument("--samples", type=int, default=1000)
-    p.add_argument("--scale", type=float, default=0.5, help="latent scale of the headline one-step row")
+    p.add_argument("--scale", type=float, default=0.7, help="latent scale of the headline rows")
+    p.add_argument("--also-scales", type=float, nargs="*", default=[0.5, 0.8],
+                   help="latent scales of extra greedy one-step rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a plumbing check: tiny step counts")
     a = p.parse_args()
@@ -185,8 +196,11 @@ def main() -> None:
     rows[f"one-step, greedy, s={a.scale}"] = sample_and_score(cfg_path, out, "onestep_greedy", train, log, **greedy)
     rows[f"one-step, tau=1, s={a.scale}"] = sample_and_score(cfg_path, out, "onestep_tau1", train, log,
                                                               latent_scale=a.scale, top_p=1.0)
-    rows["one-step, greedy, s=0.8"] = sample_and_score(cfg_path, out, "onestep_greedy_08", train, log,
-                                                       top_p=GREEDY_TOP_P, latent_scale=0.8)
+    for s in a.also_scales:
+        if s != a.scale:
+            rows[f"one-step, greedy, s={s}"] = sample_and_score(cfg_path, out, f"onestep_greedy_s{s}", train, log,
+                                                                top_p=GREEDY_TOP_P, latent_scale=s)
+    times["to_one_step_rows"] = time.time() - t_start  # the target's clock: corpus to scored one-step samples
     if not a.no_p2:
         times["stage_b_masked"] = p2_rows(a, out, cfg_path, train, log, rows)
     # the warm start (step 0) is Stage A's own map: the first point of the curve

@@ -104,6 +104,17 @@ def _as_float(v: Any) -> float:
     return float(v.detach().float().item()) if torch.is_tensor(v) else float(v)
 
 
+def persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of the buffers ``state_dict`` would hold: not the non-persistent ones (e.g. the MLP
+    flow's coupling indices, rebuilt from the config), which an export must not carry."""
+    out = {}
+    for prefix, mod in model.named_modules():
+        for name, b in mod.named_buffers(recurse=False):
+            if b is not None and name not in mod._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = b.detach().cpu().clone()
+    return out
+
+
 class Trainer:
     def __init__(self, cfg, task, train_loader, stage_dir: str, *, heldout_loader=None, run=None,
                  stage: str = "train", full_config: Optional[dict] = None, metrics: Optional[MetricsLogger] = None):
@@ -430,8 +441,7 @@ class Trainer:
             if self.dp_rank == 0:
                 out[name] = full.detach().float().cpu().clone()
         if include_buffers and self.dp_rank == 0:
-            for name, b in self.model.named_buffers():
-                out[name] = b.detach().cpu().clone()
+            out.update(persistent_buffers(self.model))
         return out if self.dp_rank == 0 else None
 
     def ema_state_dict(self) -> Optional[dict]:
@@ -440,7 +450,7 @@ class Trainer:
             return None
         sd = self.ema.full_state_dict()
         if sd is not None:
-            sd.update({n: b.detach().cpu().clone() for n, b in self.model.named_buffers()})
+            sd.update(persistent_buffers(self.model))
         return sd
 
     def close(self) -> None:

@@ -21,6 +21,10 @@ unconditional flow trained by conditioning dropout (``stage_a.cond_dropout``). T
 zero-initialised outputs keep the flow the identity at init for every class. TarFlow stays
 unconditional (``config.py`` refuses ``stage_a.flow.kind: tarflow`` with classes).
 
+``conditioner: mlp`` (``MLPCoupling``) replaces the channel split and the transformer with
+couplings over the whole flattened [P, d] latent and an MLP conditioner: for short fixed lengths
+it fits the joint far better per second of CPU (docs/QUALITY_RESEARCH.md, finding 12).
+
 Conditioners use LayerNorm (not the shared RMSNorm, which computes in float32 whatever the input
 dtype): in float64 the whole flow is then float64 end to end, which the exact log-det and
 inverse checks need.
@@ -161,28 +165,140 @@ class FlowStack(nn.Module):
         return z
 
 
+class MLPCoupling(nn.Module):
+    """One affine coupling over the whole flattened latent [B, P * d] (``conditioner: mlp``): a fixed
+    half of the P * d elements is kept and fed to an MLP (``depth`` hidden layers of ``hidden``,
+    GELU, zero-initialised output) that gives the shift and log-scale of the other half.
+
+    Why (docs/QUALITY_RESEARCH.md, finding 12): at a short fixed length the joint over positions is
+    what the flow must fit, and an MLP over all P * d elements fits it with ~8x the parameters of
+    the transformer conditioner at a fraction of its step cost on CPU (one GEMM chain per sample
+    instead of attention and an FFN at every position). Needs a fixed number of latent positions P.
+
+    Pads (mask == 0; ``pad_positions: passthrough`` only) are handled as in ``AffineCoupling``:
+    their inputs are zeroed and their shift/log-scale forced to 0, so they pass through unchanged
+    and no real output depends on them."""
+
+    def __init__(self, dim: int, positions: int, keep: torch.Tensor, hidden: int, depth: int, bound: float,
+                 num_classes: int = 0):
+        super().__init__()
+        self.dim, self.positions, self.bound = dim, positions, bound
+        n = positions * dim
+        # explicit CPU: the planner builds models under a meta-device context, where boolean
+        # indexing (a nonzero) has no data to work on
+        keep_mask = torch.zeros(n, dtype=torch.bool, device="cpu")
+        keep_mask[keep.cpu()] = True
+        idx = torch.arange(n, device="cpu")
+        self.register_buffer("keep_idx", idx[keep_mask], persistent=False)
+        self.register_buffer("change_idx", idx[~keep_mask], persistent=False)
+        self.n_change = int((~keep_mask).sum())
+        layers: list[nn.Module] = []
+        width = int(keep_mask.sum())
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.GELU()]
+            width = hidden
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Linear(width, 2 * self.n_change)
+        nn.init.zeros_(self.out.weight)  # identity flow at init
+        nn.init.zeros_(self.out.bias)
+        # class conditioning: an embedding added to the last hidden layer, before the out-proj
+        self.cls = ClassEmbedding(num_classes, width, std=1.0) if num_classes else None
+
+    def _params(self, keep: torch.Tensor, m: torch.Tensor, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+        zero = torch.zeros((), dtype=keep.dtype, device=keep.device)
+        keep = torch.where(m[:, self.keep_idx], keep, zero)
+        h = self.body(keep)
+        if self.cls is not None:
+            h = h + self.cls.table(rows).to(h.dtype)
+        raw = self.out(h)
+        shift, logs = raw[:, :self.n_change], raw[:, self.n_change:]
+        logs = self.bound * torch.tanh(logs / self.bound)
+        mc = m[:, self.change_idx]
+        return torch.where(mc, shift, zero), torch.where(mc, logs, zero)
+
+    def _flat(self, x: torch.Tensor, m: torch.Tensor):
+        if x.shape[1] != self.positions:
+            raise ValueError(f"this flow was built for {self.positions} latent positions (stage_a.flow.conditioner: "
+                             f"mlp needs a fixed length: data.seq_len / stage_a.patch) but got {x.shape[1]}")
+        B = x.shape[0]
+        return x.reshape(B, -1), m[..., None].expand(-1, -1, self.dim).reshape(B, -1)
+
+    def forward(self, x: torch.Tensor, m: torch.Tensor, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+        f, mf = self._flat(x, m)
+        keep = f[:, self.keep_idx]
+        shift, logs = self._params(keep, mf, rows)
+        out = f.index_copy(1, self.change_idx, f[:, self.change_idx] * torch.exp(logs) + shift)
+        return out.reshape(x.shape), logs.sum(dim=1)
+
+    def inverse(self, y: torch.Tensor, m: torch.Tensor, rows=None) -> torch.Tensor:
+        f, mf = self._flat(y, m)
+        shift, logs = self._params(f[:, self.keep_idx], mf, rows)
+        out = f.index_copy(1, self.change_idx, (f[:, self.change_idx] - shift) * torch.exp(-logs))
+        return out.reshape(y.shape)
+
+
+def mlp_coupling_halves(n: int, layers: int, seed: int = 0) -> list[torch.Tensor]:
+    """The kept elements of each MLP coupling: a random half (fixed seed, so every rank and every
+    rebuild from an export agree), and on the next coupling its complement, so each pair of
+    couplings transforms every element once."""
+    g = torch.Generator().manual_seed(seed)
+    out, prev_change = [], None
+    for i in range(layers):
+        if i % 2 == 0:
+            keep = torch.randperm(n, generator=g, device="cpu")[: n // 2].sort().values
+        else:
+            keep = prev_change
+        m = torch.zeros(n, dtype=torch.bool, device="cpu")
+        m[keep] = True
+        prev_change = torch.arange(n, device="cpu")[~m]
+        out.append(keep)
+    return out
+
+
 class RealNVP(FlowStack):
-    """Stack of ``layers`` affine couplings with alternating channel halves.
+    """Stack of ``layers`` affine couplings.
+
+    ``conditioner: transformer`` (default): channel-split couplings (alternating halves) whose
+    conditioner is a transformer over positions (any length). ``conditioner: mlp``: couplings over
+    the flattened [positions * dim] block with an MLP conditioner (``MLPCoupling``; fixed length).
 
     ``forward(u, mask) -> (z, logdet[B])`` with logdet = log|det dz/du|; ``inverse(z, mask) -> u``.
     """
 
     def __init__(self, dim: int, layers: int = 4, hidden: int = 64, depth: int = 1, heads: int = 4,
-                 ffn: Optional[int] = None, scale_bound: float = 2.0, num_classes: int = 0):
+                 ffn: Optional[int] = None, scale_bound: float = 2.0, num_classes: int = 0,
+                 conditioner: str = "transformer", positions: Optional[int] = None):
         super().__init__()
         if dim < 2:
             raise ValueError(f"RealNVP needs latent dim >= 2 for channel-split couplings (got {dim})")
         self.dim, self.hidden, self.depth = dim, hidden, depth
         self.ffn = ffn or 2 * hidden
         self.num_classes = int(num_classes)
-        self.layers = nn.ModuleList(AffineCoupling(dim, i % 2, hidden, depth, heads, self.ffn, scale_bound,
-                                                   self.num_classes) for i in range(layers))
+        self.conditioner = conditioner
+        if conditioner == "mlp":
+            if not positions:
+                raise ValueError("stage_a.flow.conditioner: mlp needs the number of latent positions "
+                                 "(stage_a.flow.positions = data.seq_len / stage_a.patch)")
+            self.positions = int(positions)
+            halves = mlp_coupling_halves(self.positions * dim, layers)
+            self.layers = nn.ModuleList(MLPCoupling(dim, self.positions, keep, hidden, depth, scale_bound,
+                                                    self.num_classes) for keep in halves)
+        elif conditioner == "transformer":
+            self.layers = nn.ModuleList(AffineCoupling(dim, i % 2, hidden, depth, heads, self.ffn, scale_bound,
+                                                       self.num_classes) for i in range(layers))
+        else:
+            raise ValueError(f"stage_a.flow.conditioner {conditioner!r} is not one of transformer|mlp")
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward matmul FLOPs per position."""
         per = 0.0
         for layer in self.layers:
+            if isinstance(layer, MLPCoupling):
+                n = self.positions * self.dim
+                per += 2 * (n - layer.n_change) * self.hidden + 2 * self.hidden * self.hidden * (self.depth - 1)
+                per += 2 * self.hidden * 2 * layer.n_change
+                continue
             n_keep = self.dim - layer.n_change
             per += 2 * n_keep * self.hidden + 2 * self.hidden * 2 * layer.n_change
             per += transformer_flops_per_token(self.hidden, self.depth, self.ffn, seq_len)
-        return per
+        return per / (self.positions if self.conditioner == "mlp" else 1)
