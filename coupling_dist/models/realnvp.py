@@ -179,21 +179,15 @@ class MLPCoupling(nn.Module):
     their inputs are zeroed and their shift/log-scale forced to 0, so they pass through unchanged
     and no real output depends on them."""
 
-    def __init__(self, dim: int, positions: int, keep: torch.Tensor, hidden: int, depth: int, bound: float,
-                 num_classes: int = 0):
+    def __init__(self, dim: int, positions: int, keep: torch.Tensor, change: torch.Tensor, hidden: int, depth: int,
+                 bound: float, num_classes: int = 0):
         super().__init__()
         self.dim, self.positions, self.bound = dim, positions, bound
-        n = positions * dim
-        # explicit CPU: the planner builds models under a meta-device context, where boolean
-        # indexing (a nonzero) has no data to work on
-        keep_mask = torch.zeros(n, dtype=torch.bool, device="cpu")
-        keep_mask[keep.cpu()] = True
-        idx = torch.arange(n, device="cpu")
-        self.register_buffer("keep_idx", idx[keep_mask], persistent=False)
-        self.register_buffer("change_idx", idx[~keep_mask], persistent=False)
-        self.n_change = int((~keep_mask).sum())
+        self.register_buffer("keep_idx", keep, persistent=False)  # rebuilt from the config, never stored
+        self.register_buffer("change_idx", change, persistent=False)
+        self.n_change = int(change.numel())
         layers: list[nn.Module] = []
-        width = int(keep_mask.sum())
+        width = int(keep.numel())
         for _ in range(depth):
             layers += [nn.Linear(width, hidden), nn.GELU()]
             width = hidden
@@ -237,21 +231,19 @@ class MLPCoupling(nn.Module):
         return out.reshape(y.shape)
 
 
-def mlp_coupling_halves(n: int, layers: int, seed: int = 0) -> list[torch.Tensor]:
-    """The kept elements of each MLP coupling: a random half (fixed seed, so every rank and every
-    rebuild from an export agree), and on the next coupling its complement, so each pair of
-    couplings transforms every element once."""
+def mlp_coupling_halves(n: int, layers: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(kept, changed) element indices of each MLP coupling: a random half is kept (fixed seed, so
+    every rank and every rebuild from an export agree), and the next coupling swaps the two, so each
+    pair of couplings transforms every element once. Made on the CPU explicitly: the planner builds
+    models under a meta-device context, where a random permutation has no data."""
     g = torch.Generator().manual_seed(seed)
-    out, prev_change = [], None
+    out = []
     for i in range(layers):
         if i % 2 == 0:
-            keep = torch.randperm(n, generator=g, device="cpu")[: n // 2].sort().values
+            perm = torch.randperm(n, generator=g, device="cpu")
+            out.append((perm[: n // 2].sort().values, perm[n // 2:].sort().values))
         else:
-            keep = prev_change
-        m = torch.zeros(n, dtype=torch.bool, device="cpu")
-        m[keep] = True
-        prev_change = torch.arange(n, device="cpu")[~m]
-        out.append(keep)
+            out.append(out[-1][::-1])
     return out
 
 
@@ -281,8 +273,8 @@ class RealNVP(FlowStack):
                                  "(stage_a.flow.positions = data.seq_len / stage_a.patch)")
             self.positions = int(positions)
             halves = mlp_coupling_halves(self.positions * dim, layers)
-            self.layers = nn.ModuleList(MLPCoupling(dim, self.positions, keep, hidden, depth, scale_bound,
-                                                    self.num_classes) for keep in halves)
+            self.layers = nn.ModuleList(MLPCoupling(dim, self.positions, keep, change, hidden, depth, scale_bound,
+                                                    self.num_classes) for keep, change in halves)
         elif conditioner == "transformer":
             self.layers = nn.ModuleList(AffineCoupling(dim, i % 2, hidden, depth, heads, self.ffn, scale_bound,
                                                        self.num_classes) for i in range(layers))
@@ -290,15 +282,12 @@ class RealNVP(FlowStack):
             raise ValueError(f"stage_a.flow.conditioner {conditioner!r} is not one of transformer|mlp")
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Forward matmul FLOPs per position."""
+        """Forward matmul FLOPs per position (an MLP coupling's per-sample cost spread over its positions)."""
+        mlp = self.conditioner == "mlp"
         per = 0.0
         for layer in self.layers:
-            if isinstance(layer, MLPCoupling):
-                n = self.positions * self.dim
-                per += 2 * (n - layer.n_change) * self.hidden + 2 * self.hidden * self.hidden * (self.depth - 1)
-                per += 2 * self.hidden * 2 * layer.n_change
-                continue
-            n_keep = self.dim - layer.n_change
+            n_keep = (self.positions * self.dim if mlp else self.dim) - layer.n_change
             per += 2 * n_keep * self.hidden + 2 * self.hidden * 2 * layer.n_change
-            per += transformer_flops_per_token(self.hidden, self.depth, self.ffn, seq_len)
-        return per / (self.positions if self.conditioner == "mlp" else 1)
+            per += (2 * self.hidden * self.hidden * (self.depth - 1) if mlp
+                    else transformer_flops_per_token(self.hidden, self.depth, self.ffn, seq_len))
+        return per / self.positions if mlp else per

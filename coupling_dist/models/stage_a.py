@@ -93,7 +93,7 @@ def build_flow(dim: int, fc, num_classes: int = 0) -> nn.Module:
             raise ValueError(f"a class-conditional flow (data.num_classes = {num_classes}) needs stage_a.flow.kind "
                              f"realnvp, not {fc.kind!r}")
         kw["num_classes"] = int(num_classes)
-    if getattr(fc, "conditioner", "transformer") != "transformer":  # older exports lack the key
+    if fc.conditioner != "transformer":  # exports from before the key load with its default
         if cls is not RealNVP:
             raise ValueError(f"stage_a.flow.conditioner {fc.conditioner!r} needs stage_a.flow.kind realnvp")
         kw.update(conditioner=fc.conditioner, positions=fc.positions)

@@ -160,7 +160,7 @@ class StageATask:
     def export(self, trainer, out_dir: str) -> None:
         """Collective (ZeRO-3 gathers): every rank calls it; DP rank 0 writes. With
         ``stage_a.train.ema_decay`` the EMA weights are exported (as Stage B does), else the live ones."""
-        ema = getattr(trainer, "ema", None) is not None
+        ema = trainer.ema is not None
         sd = trainer.ema_state_dict() if ema else trainer.full_state_dict(include_buffers=True)
         if sd is not None:
             meta = dict(self.meta, train_step=int(getattr(trainer, "step", 0)), weights="ema" if ema else "live")
